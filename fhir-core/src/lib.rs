@@ -20,6 +20,8 @@ pub mod json;
 pub mod outcome;
 pub mod resource;
 pub mod schema;
+#[cfg(feature = "fhirbolt")]
+pub mod typed;
 pub mod validate;
 pub mod xml;
 
