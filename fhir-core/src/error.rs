@@ -36,8 +36,14 @@ impl FhirError {
     pub fn issues(&self) -> Vec<Issue> {
         match self {
             FhirError::Invalid(issues) => issues.clone(),
-            FhirError::Json(e) => vec![Issue::error(IssueType::Structure, format!("malformed JSON: {e}"))],
-            FhirError::Xml(e) => vec![Issue::error(IssueType::Structure, format!("malformed XML: {e}"))],
+            FhirError::Json(e) => vec![Issue::error(
+                IssueType::Structure,
+                format!("malformed JSON: {e}"),
+            )],
+            FhirError::Xml(e) => vec![Issue::error(
+                IssueType::Structure,
+                format!("malformed XML: {e}"),
+            )],
             other => vec![Issue::error(IssueType::Invalid, other.to_string())],
         }
     }

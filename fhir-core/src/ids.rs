@@ -157,8 +157,7 @@ impl TenantId {
         let ok = !s.is_empty()
             && s.len() <= 64
             && s.as_bytes()[0].is_ascii_alphanumeric()
-            && s
-                .bytes()
+            && s.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
         if !ok {
             return Err(invalid(
@@ -204,7 +203,10 @@ mod tests {
         assert!(TenantId::new("hf-sor_ost1").is_ok());
         assert!(TenantId::new("-x").is_err());
         assert!(TenantId::new("a b").is_err());
-        assert_eq!(ResourceType::parse("Observation").unwrap().as_str(), "Observation");
+        assert_eq!(
+            ResourceType::parse("Observation").unwrap().as_str(),
+            "Observation"
+        );
         assert!(ResourceType::parse("observation").is_none());
         assert!(ResourceType::parse("Resource").is_none());
         assert_eq!(ResourceType::all().count(), 147);

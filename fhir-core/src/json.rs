@@ -379,9 +379,7 @@ impl Parser<'_> {
                 }
                 Some(b'\\') => {
                     self.pos += 1;
-                    let c = self
-                        .peek()
-                        .ok_or_else(|| self.err("unterminated string"))?;
+                    let c = self.peek().ok_or_else(|| self.err("unterminated string"))?;
                     self.pos += 1;
                     match c {
                         b'"' => out.push(b'"'),
@@ -408,8 +406,8 @@ impl Parser<'_> {
                             } else if (0xDC00..0xE000).contains(&cp) {
                                 return Err(self.err("lone surrogate in \\u escape"));
                             }
-                            let ch = char::from_u32(cp)
-                                .ok_or_else(|| self.err("invalid \\u escape"))?;
+                            let ch =
+                                char::from_u32(cp).ok_or_else(|| self.err("invalid \\u escape"))?;
                             let mut buf = [0u8; 4];
                             out.extend_from_slice(ch.encode_utf8(&mut buf).as_bytes());
                         }
@@ -586,7 +584,12 @@ mod tests {
     fn errors_have_positions() {
         let e = parse(b"{\n  \"a\": 1,\n  \"b\": }").unwrap_err();
         assert_eq!((e.line, e.column), (3, 8));
-        assert!(parse(b"{\"a\":1,\"a\":2}").unwrap_err().message.contains("duplicate"));
+        assert!(
+            parse(b"{\"a\":1,\"a\":2}")
+                .unwrap_err()
+                .message
+                .contains("duplicate")
+        );
         assert!(parse(b"[1,]").is_err());
         assert!(parse(b"01").is_err());
         assert!(parse(b"1.").is_err());

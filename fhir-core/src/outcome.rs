@@ -116,7 +116,11 @@ impl Issue {
     }
 
     /// An error at the element `expression`.
-    pub fn at(code: IssueType, expression: impl Into<String>, diagnostics: impl Into<String>) -> Issue {
+    pub fn at(
+        code: IssueType,
+        expression: impl Into<String>,
+        diagnostics: impl Into<String>,
+    ) -> Issue {
         Issue {
             severity: Severity::Error,
             code,

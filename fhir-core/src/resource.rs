@@ -47,7 +47,9 @@ impl Resource {
                 resource_type,
                 body,
             }),
-            _ => Err(FhirError::NotAResource("a resource must be a JSON object".into())),
+            _ => Err(FhirError::NotAResource(
+                "a resource must be a JSON object".into(),
+            )),
         }
     }
 
@@ -61,7 +63,9 @@ impl Resource {
                 resource_type,
                 body,
             }),
-            _ => Err(FhirError::NotAResource("stored resource is not an object".into())),
+            _ => Err(FhirError::NotAResource(
+                "stored resource is not an object".into(),
+            )),
         }
     }
 
@@ -148,7 +152,9 @@ fn resource_type_of(json: &Json) -> Result<ResourceType, FhirError> {
         return Err(FhirError::NotAResource("missing 'resourceType'".into()));
     };
     let Some(name) = rt.as_str() else {
-        return Err(FhirError::NotAResource("'resourceType' must be a string".into()));
+        return Err(FhirError::NotAResource(
+            "'resourceType' must be a string".into(),
+        ));
     };
     ResourceType::parse(name).ok_or_else(|| FhirError::UnknownResourceType(name.to_string()))
 }

@@ -159,9 +159,9 @@ impl Schema {
                 _ => JsonKind::String,
             };
             let regex = match def.get("regex").and_then(Json::as_str) {
-                Some(r) => Some(
-                    Regex::new(&format!("^(?:{r})$")).map_err(|e| format!("{name}: {e}"))?,
-                ),
+                Some(r) => {
+                    Some(Regex::new(&format!("^(?:{r})$")).map_err(|e| format!("{name}: {e}"))?)
+                }
                 None => None,
             };
             primitives.insert(

@@ -1,1 +1,164 @@
-//! fhir-server
+//! # fhir-server
+//!
+//! The REST face of the store: a complete FHIR R4 base per tenant at `/fhir/{tenant}`, an admin
+//! API for tenants, health endpoints, and the `fhir-server` binary.
+//!
+//! Handlers are thin: they parse the request (extractors and [`format`]), call
+//! [`fhir_store::Store`] on the blocking pool, and render the result. Every failure is an
+//! [`error::ApiError`], turned into a status and an OperationOutcome in one place.
+#![warn(missing_docs)]
+
+pub mod admin;
+pub mod bundle;
+pub mod capability;
+pub mod error;
+pub mod fhir;
+pub mod format;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get};
+use fhir_store::Store;
+use tower_http::trace::TraceLayer;
+
+use crate::error::ApiError;
+
+/// Settings of a running server.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Largest accepted request body in bytes (default 8 MiB).
+    pub max_body_bytes: usize,
+    /// Public base URL (scheme://host[:port]) used in `Location` and links; when unset, it is
+    /// taken from the request's `Host` header.
+    pub public_base: Option<String>,
+    /// Largest `_count` a client may ask for.
+    pub max_count: usize,
+    /// `_count` when the client gives none.
+    pub default_count: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            max_body_bytes: 8 * 1024 * 1024,
+            public_base: None,
+            max_count: 1000,
+            default_count: 50,
+        }
+    }
+}
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    /// The store: the single source of truth.
+    pub store: Store,
+    /// Settings.
+    pub config: Arc<ServerConfig>,
+}
+
+/// The current time as a FHIR instant (UTC, microseconds).
+pub fn now_instant() -> String {
+    chrono::Utc::now()
+        .format("%Y-%m-%dT%H:%M:%S%.6fZ")
+        .to_string()
+}
+
+/// The whole HTTP application.
+pub fn app(state: AppState) -> Router {
+    let fhir = fhir::routes();
+    Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route(
+            "/admin/tenants",
+            get(admin::list_tenants).post(admin::create_tenant),
+        )
+        .route(
+            "/admin/tenants/{id}",
+            delete(admin::remove_tenant).get(admin::get_tenant),
+        )
+        .merge(fhir)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        // Bodies are read by our own extractor with the configured limit and a FHIR 413.
+        .layer(DefaultBodyLimit::disable())
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+async fn health() -> Response {
+    (
+        StatusCode::OK,
+        [("content-type", "application/json")],
+        r#"{"status":"ok"}"#,
+    )
+        .into_response()
+}
+
+async fn ready(axum::extract::State(state): axum::extract::State<AppState>) -> Response {
+    let store = state.store.clone();
+    match tokio::task::spawn_blocking(move || store.tenants()).await {
+        Ok(Ok(_)) => (
+            StatusCode::OK,
+            [("content-type", "application/json")],
+            r#"{"status":"ready"}"#,
+        )
+            .into_response(),
+        _ => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [("content-type", "application/json")],
+            r#"{"status":"not ready"}"#,
+        )
+            .into_response(),
+    }
+}
+
+async fn not_found(req: Request) -> Response {
+    ApiError::NotFound(format!("the URL path '{}'", req.uri().path())).into_response()
+}
+
+async fn method_not_allowed(req: Request) -> Response {
+    ApiError::MethodNotAllowed(format!(
+        "method {} is not allowed on '{}'",
+        req.method(),
+        req.uri().path()
+    ))
+    .into_response()
+}
+
+/// Serves `app` on `listener` until ctrl-c / SIGTERM.
+pub async fn serve(listener: tokio::net::TcpListener, state: AppState) -> std::io::Result<()> {
+    let addr: Option<SocketAddr> = listener.local_addr().ok();
+    tracing::info!(?addr, "listening");
+    axum::serve(listener, app(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,218 @@
+//! The `fhir-server` binary: `serve`, and `tenant create|list|remove` on a stopped server's
+//! data folder.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use fhir_core::TenantId;
+use fhir_server::{AppState, ServerConfig};
+use fhir_store::{Backend, Store, StoreOptions};
+
+#[derive(Parser)]
+#[command(name = "fhir-server", version, about = "A multitenant FHIR R4 server")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BackendArg {
+    /// redb: the default, ACID, crash-tested.
+    Redb,
+    /// sled 0.34 (needs the `sled` cargo feature).
+    Sled,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the HTTP server.
+    Serve {
+        /// Data folder (created if missing): `store/` holds the resources.
+        #[arg(long, env = "FHIR_DATA", default_value = "./data")]
+        data: PathBuf,
+        /// Address to listen on.
+        #[arg(long, env = "FHIR_LISTEN", default_value = "127.0.0.1:8080")]
+        listen: String,
+        /// Run without authentication (the only mode until the security work lands).
+        #[arg(long)]
+        no_auth: bool,
+        /// Storage backend; a data folder keeps the backend it was created with.
+        #[arg(long, value_enum, default_value = "redb")]
+        backend: BackendArg,
+        /// Largest accepted request body in bytes.
+        #[arg(long, default_value_t = 8 * 1024 * 1024)]
+        max_body_bytes: usize,
+        /// Public base URL (e.g. https://fhir.example.no) for Location headers and links.
+        #[arg(long, env = "FHIR_PUBLIC_BASE")]
+        public_base: Option<String>,
+    },
+    /// Manage tenants in a data folder (the server must not be running on it).
+    Tenant {
+        #[command(subcommand)]
+        command: TenantCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TenantCommand {
+    /// Create a tenant.
+    Create {
+        /// Tenant id, used in URLs: /fhir/{id}.
+        id: String,
+        /// Display name.
+        #[arg(long, default_value = "")]
+        name: String,
+        #[arg(long, env = "FHIR_DATA", default_value = "./data")]
+        data: PathBuf,
+        #[arg(long, value_enum, default_value = "redb")]
+        backend: BackendArg,
+    },
+    /// List tenants.
+    List {
+        #[arg(long, env = "FHIR_DATA", default_value = "./data")]
+        data: PathBuf,
+        #[arg(long, value_enum, default_value = "redb")]
+        backend: BackendArg,
+    },
+    /// Remove a tenant and all of its data.
+    Remove {
+        /// Tenant id.
+        id: String,
+        #[arg(long, env = "FHIR_DATA", default_value = "./data")]
+        data: PathBuf,
+        #[arg(long, value_enum, default_value = "redb")]
+        backend: BackendArg,
+    },
+}
+
+fn backend(b: BackendArg) -> Result<Backend, String> {
+    match b {
+        BackendArg::Redb => Ok(Backend::Redb),
+        #[cfg(feature = "sled")]
+        BackendArg::Sled => Ok(Backend::Sled),
+        #[cfg(not(feature = "sled"))]
+        BackendArg::Sled => {
+            Err("this build has no sled support; rebuild with --features sled".into())
+        }
+    }
+}
+
+fn open_store(data: &Path, b: BackendArg) -> Result<(Store, bool), String> {
+    let dir = data.join("store");
+    let fresh = !dir.exists();
+    let opts = StoreOptions {
+        backend: backend(b)?,
+        ..StoreOptions::default()
+    };
+    let store = Store::open_with(&dir, opts)
+        .map_err(|e| format!("cannot open the store in {}: {e}", dir.display()))?;
+    Ok((store, fresh))
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), String> {
+    match cli.command {
+        Command::Serve {
+            data,
+            listen,
+            no_auth,
+            backend,
+            max_body_bytes,
+            public_base,
+        } => {
+            if no_auth {
+                tracing::warn!("--no-auth: every client has full access to every tenant");
+            } else {
+                tracing::warn!(
+                    "authentication is not implemented yet: this server is UNAUTHENTICATED; \
+                     run it only on a trusted network"
+                );
+            }
+            std::fs::create_dir_all(&data)
+                .map_err(|e| format!("cannot create {}: {e}", data.display()))?;
+            let (store, fresh) = open_store(&data, backend)?;
+            if fresh {
+                let id = TenantId::new("default").map_err(|e| e.to_string())?;
+                store
+                    .create_tenant(&id, "Default tenant")
+                    .map_err(|e| e.to_string())?;
+                tracing::info!("new data folder: created tenant 'default'");
+            }
+            let state = AppState {
+                store,
+                config: Arc::new(ServerConfig {
+                    max_body_bytes,
+                    public_base,
+                    ..ServerConfig::default()
+                }),
+            };
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind(&listen)
+                    .await
+                    .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+                if let Ok(addr) = listener.local_addr() {
+                    // On stdout so scripts and tests can find a port chosen with :0.
+                    println!("listening on http://{addr}");
+                }
+                fhir_server::serve(listener, state)
+                    .await
+                    .map_err(|e| e.to_string())
+            })
+        }
+        Command::Tenant { command } => match command {
+            TenantCommand::Create {
+                id,
+                name,
+                data,
+                backend,
+            } => {
+                let id = TenantId::new(&id).map_err(|e| e.to_string())?;
+                std::fs::create_dir_all(&data)
+                    .map_err(|e| format!("cannot create {}: {e}", data.display()))?;
+                let (store, _) = open_store(&data, backend)?;
+                let t = store.create_tenant(&id, &name).map_err(|e| e.to_string())?;
+                println!("created tenant {}", t.id);
+                Ok(())
+            }
+            TenantCommand::List { data, backend } => {
+                let (store, _) = open_store(&data, backend)?;
+                for t in store.tenants().map_err(|e| e.to_string())? {
+                    println!("{}\t{}\t{}", t.id, t.created, t.name);
+                }
+                Ok(())
+            }
+            TenantCommand::Remove { id, data, backend } => {
+                let id = TenantId::new(&id).map_err(|e| e.to_string())?;
+                let (store, _) = open_store(&data, backend)?;
+                if store.remove_tenant(&id).map_err(|e| e.to_string())? {
+                    println!("removed tenant {id}");
+                    Ok(())
+                } else {
+                    Err(format!("no tenant '{id}'"))
+                }
+            }
+        },
+    }
+}

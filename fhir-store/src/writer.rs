@@ -1,0 +1,629 @@
+//! The single writer thread and group commit.
+//!
+//! Every change to the store is a [`Request`] to one thread. The thread takes the first waiting
+//! request, then everything else already queued (up to [`MAX_GROUP`]), applies them one after
+//! another to a layered [`View`] (so each sees the effects of the ones before it), commits all
+//! their writes in **one** durable KV commit, and only then answers them. N concurrent writers
+//! thus share one fsync, and because one thread decides everything, conditional creates,
+//! If-Match checks and sequence numbers need no further locking.
+//!
+//! A request that fails contributes nothing (its writes stay in its own layer, which is thrown
+//! away); a failing commit fails every request of the group, and nothing of it is visible.
+
+use std::collections::{BTreeSet, HashMap};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
+use std::thread::JoinHandle;
+
+use fhir_core::{Resource, ResourceId, ResourceType, TenantId, VersionId};
+
+use crate::condition::{Condition, find};
+use crate::error::StoreError;
+use crate::keys::{self, ChangeRecord, IndexedIdentifier, Pointer, TenantRecord, VersionRecord};
+use crate::kv::{Direction, Kv, WriteBatch, prefix_end};
+use crate::time::{format_micros, now_micros};
+use crate::types::{
+    DeleteResult, Method, StoredResource, TenantInfo, WriteKind, WriteOp, WriteOutcome, WriteResult,
+};
+use crate::view::{Overlay, Source, View};
+
+/// Most requests committed together; bounds the memory and latency of one group.
+pub(crate) const MAX_GROUP: usize = 512;
+
+/// Keys deleted per commit when a tenant is removed, so that removing a large tenant does not
+/// stall other tenants' writes for long.
+pub(crate) const PURGE_CHUNK: usize = 5000;
+
+/// What a request asks the writer to do.
+pub(crate) enum Job {
+    CreateTenant {
+        id: TenantId,
+        name: String,
+    },
+    /// Hide the tenant and refuse its writes; answers whether it was active.
+    MarkRemoving {
+        id: TenantId,
+    },
+    /// Delete one chunk of a removing tenant's keys; answers whether more may remain.
+    Purge {
+        id: TenantId,
+    },
+    /// Apply the operations all-or-nothing.
+    Write {
+        tenant: TenantId,
+        ops: Vec<WriteOp>,
+    },
+}
+
+pub(crate) enum Answer {
+    Tenant(TenantInfo),
+    Flag(bool),
+    Outcomes(Vec<WriteOutcome>),
+}
+
+pub(crate) struct Request {
+    pub job: Job,
+    pub reply: SyncSender<Result<Answer, StoreError>>,
+}
+
+/// What the writer remembers per tenant between requests, so that it need not read the change
+/// log for every write.
+#[derive(Debug, Clone, Copy)]
+struct TenantState {
+    last_seq: u64,
+    last_micros: i64,
+}
+
+pub(crate) fn spawn(kv: Arc<dyn Kv>) -> Result<(Sender<Request>, JoinHandle<()>), StoreError> {
+    let (tx, rx) = mpsc::channel();
+    let writer = Writer {
+        kv,
+        tenants: HashMap::new(),
+    };
+    let handle = std::thread::Builder::new()
+        .name("fhir-store-writer".into())
+        .spawn(move || writer.run(rx))
+        .map_err(|e| StoreError::Backend(format!("cannot start the writer thread: {e}")))?;
+    Ok((tx, handle))
+}
+
+struct Writer {
+    kv: Arc<dyn Kv>,
+    tenants: HashMap<TenantId, TenantState>,
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic".to_string()
+    }
+}
+
+impl Writer {
+    fn run(mut self, rx: Receiver<Request>) {
+        // Ends when every sender is gone, i.e. the last Store handle was dropped.
+        while let Ok(first) = rx.recv() {
+            let mut group = vec![first];
+            while group.len() < MAX_GROUP {
+                match rx.try_recv() {
+                    Ok(r) => group.push(r),
+                    Err(_) => break,
+                }
+            }
+            self.process(group);
+        }
+    }
+
+    fn process(&mut self, requests: Vec<Request>) {
+        let mut overlay = Overlay::new();
+        let mut answers = Vec::with_capacity(requests.len());
+        let mut replies = Vec::with_capacity(requests.len());
+        for Request { job, reply } in requests {
+            let mut ctx = Ctx {
+                view: View::new(self.kv.as_ref(), &overlay),
+                tenants: &self.tenants,
+                new_state: None,
+                evict: None,
+            };
+            // Bad input must never take the writer down; a bug turns into an error for the one
+            // request that hit it.
+            let result = catch_unwind(AssertUnwindSafe(|| ctx.apply(job))).unwrap_or_else(|p| {
+                let msg = panic_message(p.as_ref());
+                tracing::error!(panic = %msg, "fhir-store writer: a request panicked");
+                Err(StoreError::Backend(format!("internal error: {msg}")))
+            });
+            if result.is_ok() {
+                let Ctx {
+                    view,
+                    new_state,
+                    evict,
+                    ..
+                } = ctx;
+                let local = view.into_local();
+                overlay.extend(local);
+                if let Some(t) = evict {
+                    self.tenants.remove(&t);
+                }
+                if let Some((t, s)) = new_state {
+                    self.tenants.insert(t, s);
+                }
+            }
+            answers.push(result);
+            replies.push(reply);
+        }
+        if !overlay.is_empty() {
+            let mut batch = WriteBatch::new();
+            for (k, v) in overlay {
+                match v {
+                    Some(v) => batch.put(k, v),
+                    None => batch.delete(k),
+                }
+            }
+            let committed = catch_unwind(AssertUnwindSafe(|| self.kv.commit(batch)))
+                .unwrap_or_else(|p| {
+                    Err(crate::kv::KvError(format!(
+                        "commit panicked: {}",
+                        panic_message(p.as_ref())
+                    )))
+                });
+            if let Err(e) = committed {
+                tracing::error!(error = %e, "fhir-store writer: group commit failed");
+                // The cached sequence numbers count writes that never happened.
+                self.tenants.clear();
+                // Even answers that wrote nothing (a conditional create that matched, an
+                // If-Match that failed) may rest on writes of this group that are now lost.
+                for a in &mut answers {
+                    *a = Err(StoreError::Backend(format!("commit failed: {}", e.0)));
+                }
+            }
+        }
+        for (reply, answer) in replies.into_iter().zip(answers) {
+            // The caller may have gone away; its answer is then of no use to anyone.
+            let _ = reply.send(answer);
+        }
+    }
+}
+
+/// One request's work: its view and the tenant-state changes to keep if it succeeds.
+struct Ctx<'a> {
+    view: View<'a>,
+    tenants: &'a HashMap<TenantId, TenantState>,
+    new_state: Option<(TenantId, TenantState)>,
+    evict: Option<TenantId>,
+}
+
+impl Ctx<'_> {
+    fn apply(&mut self, job: Job) -> Result<Answer, StoreError> {
+        match job {
+            Job::CreateTenant { id, name } => self.create_tenant(id, name).map(Answer::Tenant),
+            Job::MarkRemoving { id } => self.mark_removing(id).map(Answer::Flag),
+            Job::Purge { id } => self.purge(id).map(Answer::Flag),
+            Job::Write { tenant, ops } => self.write(tenant, ops).map(Answer::Outcomes),
+        }
+    }
+
+    fn create_tenant(&mut self, id: TenantId, name: String) -> Result<TenantInfo, StoreError> {
+        let key = keys::tenant_key(&id);
+        if self.view.get(&key)?.is_some() {
+            return Err(StoreError::TenantExists(id));
+        }
+        let rec = TenantRecord {
+            removing: false,
+            created_micros: now_micros(),
+            name,
+        };
+        self.view.put(key, rec.encode());
+        self.evict = Some(id.clone());
+        Ok(TenantInfo {
+            id,
+            name: rec.name,
+            created: format_micros(rec.created_micros),
+        })
+    }
+
+    fn mark_removing(&mut self, id: TenantId) -> Result<bool, StoreError> {
+        let key = keys::tenant_key(&id);
+        let Some(b) = self.view.get(&key)? else {
+            return Ok(false);
+        };
+        let mut rec = TenantRecord::decode(&b)?;
+        let was_active = !rec.removing;
+        if was_active {
+            rec.removing = true;
+            self.view.put(key, rec.encode());
+        }
+        self.evict = Some(id);
+        Ok(was_active)
+    }
+
+    fn purge(&mut self, id: TenantId) -> Result<bool, StoreError> {
+        let key = keys::tenant_key(&id);
+        match self.view.get(&key)? {
+            Some(b) if TenantRecord::decode(&b)?.removing => {}
+            // Never purge a tenant that is not being removed (e.g. re-created meanwhile).
+            _ => return Ok(false),
+        }
+        let prefix = keys::tenant_prefix(&id);
+        let chunk = self.view.scan_prefix(&prefix, PURGE_CHUNK)?;
+        self.evict = Some(id);
+        if chunk.is_empty() {
+            self.view.delete(key);
+            return Ok(false);
+        }
+        for (k, _) in chunk {
+            self.view.delete(k);
+        }
+        Ok(true)
+    }
+
+    fn tenant_state(&self, t: &TenantId) -> Result<TenantState, StoreError> {
+        if let Some(s) = self.tenants.get(t) {
+            return Ok(*s);
+        }
+        let prefix = keys::changes_prefix(t);
+        let end = prefix_end(&prefix);
+        let last = self
+            .view
+            .scan(&prefix, end.as_deref(), Direction::Reverse, 1)?;
+        match last.first() {
+            Some((k, v)) => Ok(TenantState {
+                last_seq: keys::seq_of_key(k)?,
+                last_micros: ChangeRecord::decode(v)?.last_updated_micros,
+            }),
+            None => Ok(TenantState {
+                last_seq: 0,
+                last_micros: i64::MIN,
+            }),
+        }
+    }
+
+    fn write(&mut self, t: TenantId, ops: Vec<WriteOp>) -> Result<Vec<WriteOutcome>, StoreError> {
+        self.view.require_tenant(&t)?;
+        let st = self.tenant_state(&t)?;
+        // One instant for the whole request (a transaction's entries share it), never before
+        // the tenant's previous one, so lastUpdated never goes backwards even if the clock does.
+        let now = now_micros().max(st.last_micros);
+        let mut tx = Tx {
+            view: &mut self.view,
+            t: &t,
+            st,
+            now,
+        };
+        let mut outcomes = Vec::with_capacity(ops.len());
+        for op in ops {
+            outcomes.push(tx.apply(op)?);
+        }
+        let st = tx.st;
+        self.new_state = Some((t, st));
+        Ok(outcomes)
+    }
+}
+
+/// The write operations of one request for one tenant.
+struct Tx<'c, 'a> {
+    view: &'c mut View<'a>,
+    t: &'c TenantId,
+    st: TenantState,
+    now: i64,
+}
+
+fn check_if_match(expected: Option<VersionId>, prev: Option<&Pointer>) -> Result<(), StoreError> {
+    if let Some(expected) = expected {
+        let actual = prev.filter(|p| !p.deleted).map(|p| p.version);
+        if actual != Some(expected) {
+            return Err(StoreError::VersionConflict { expected, actual });
+        }
+    }
+    Ok(())
+}
+
+fn indexed_identifiers(r: &Resource) -> Vec<IndexedIdentifier> {
+    let set: BTreeSet<IndexedIdentifier> = r
+        .identifiers()
+        .into_iter()
+        .filter_map(|i| {
+            let value = i.value.filter(|v| !v.is_empty())?;
+            Some(IndexedIdentifier {
+                system: i.system.filter(|s| !s.is_empty()),
+                value,
+            })
+        })
+        .collect();
+    set.into_iter().collect()
+}
+
+impl Tx<'_, '_> {
+    fn apply(&mut self, op: WriteOp) -> Result<WriteOutcome, StoreError> {
+        Ok(match op {
+            WriteOp::Create {
+                resource,
+                if_none_exist,
+            } => WriteOutcome::Write(self.create(resource, if_none_exist.as_ref())?),
+            WriteOp::Update {
+                id,
+                resource,
+                if_match,
+            } => WriteOutcome::Write(self.update(&id, resource, if_match)?),
+            WriteOp::ConditionalUpdate {
+                ty,
+                cond,
+                resource,
+                if_match,
+            } => WriteOutcome::Write(self.conditional_update(ty, &cond, resource, if_match)?),
+            WriteOp::Delete { ty, id, if_match } => {
+                WriteOutcome::Delete(self.delete(ty, &id, if_match)?)
+            }
+            WriteOp::ConditionalDelete { ty, cond } => {
+                WriteOutcome::Delete(self.conditional_delete(ty, &cond)?)
+            }
+        })
+    }
+
+    fn current(&self, ty: ResourceType, id: &ResourceId) -> Result<StoredResource, StoreError> {
+        let missing = || StoreError::Corrupt(format!("{ty}/{id}: current version is missing"));
+        let p = self.view.pointer(self.t, ty, id)?.ok_or_else(missing)?;
+        let rec = self
+            .view
+            .version(self.t, ty, id, p.version)?
+            .ok_or_else(missing)?;
+        Ok(StoredResource {
+            resource_type: ty,
+            id: id.clone(),
+            version: p.version,
+            last_updated: format_micros(rec.last_updated_micros),
+            json: rec.json,
+        })
+    }
+
+    fn fresh_id(&self, ty: ResourceType) -> Result<ResourceId, StoreError> {
+        loop {
+            let id = ResourceId::generate();
+            if self.view.pointer(self.t, ty, &id)?.is_none() {
+                return Ok(id);
+            }
+        }
+    }
+
+    fn create(
+        &mut self,
+        resource: Resource,
+        if_none_exist: Option<&Condition>,
+    ) -> Result<WriteResult, StoreError> {
+        let ty = resource.resource_type();
+        if let Some(cond) = if_none_exist {
+            let ids = find(&*self.view, self.t, ty, cond)?;
+            match ids.as_slice() {
+                [] => {}
+                [id] => {
+                    return Ok(WriteResult {
+                        kind: WriteKind::Existing,
+                        resource: self.current(ty, id)?,
+                        seq: None,
+                    });
+                }
+                _ => return Err(StoreError::MultipleMatches { count: ids.len() }),
+            }
+        }
+        let id = self.fresh_id(ty)?;
+        let (seq, stored) = self.write_version(ty, &id, None, Some(resource))?;
+        Ok(WriteResult {
+            kind: WriteKind::Created,
+            resource: stored.ok_or_else(|| StoreError::Corrupt("no stored resource".into()))?,
+            seq: Some(seq),
+        })
+    }
+
+    fn update(
+        &mut self,
+        id: &ResourceId,
+        resource: Resource,
+        if_match: Option<VersionId>,
+    ) -> Result<WriteResult, StoreError> {
+        let ty = resource.resource_type();
+        if let Some(body_id) = resource.id()
+            && body_id != id.as_str()
+        {
+            return Err(StoreError::IdMismatch(format!(
+                "the resource's id '{}' does not match the id '{id}' it is written to",
+                body_id.chars().take(64).collect::<String>()
+            )));
+        }
+        let prev = self.view.pointer(self.t, ty, id)?;
+        check_if_match(if_match, prev.as_ref())?;
+        let kind = match &prev {
+            Some(p) if !p.deleted => WriteKind::Updated,
+            _ => WriteKind::Created,
+        };
+        let (seq, stored) = self.write_version(ty, id, prev, Some(resource))?;
+        Ok(WriteResult {
+            kind,
+            resource: stored.ok_or_else(|| StoreError::Corrupt("no stored resource".into()))?,
+            seq: Some(seq),
+        })
+    }
+
+    fn conditional_update(
+        &mut self,
+        ty: ResourceType,
+        cond: &Condition,
+        resource: Resource,
+        if_match: Option<VersionId>,
+    ) -> Result<WriteResult, StoreError> {
+        if resource.resource_type() != ty {
+            return Err(StoreError::IdMismatch(format!(
+                "the resource is a {} but the condition is on {ty}",
+                resource.resource_type()
+            )));
+        }
+        let ids = find(&*self.view, self.t, ty, cond)?;
+        match ids.as_slice() {
+            [] => match resource.id() {
+                // No match but an id in the body: an update(-as-create) of that id.
+                Some(body_id) => {
+                    let id = ResourceId::new(body_id)
+                        .map_err(|e| StoreError::IdMismatch(e.to_string()))?;
+                    self.update(&id, resource, if_match)
+                }
+                None => {
+                    check_if_match(if_match, None)?;
+                    let id = self.fresh_id(ty)?;
+                    let (seq, stored) = self.write_version(ty, &id, None, Some(resource))?;
+                    Ok(WriteResult {
+                        kind: WriteKind::Created,
+                        resource: stored
+                            .ok_or_else(|| StoreError::Corrupt("no stored resource".into()))?,
+                        seq: Some(seq),
+                    })
+                }
+            },
+            [id] => {
+                if let Some(body_id) = resource.id()
+                    && body_id != id.as_str()
+                {
+                    return Err(StoreError::IdMismatch(format!(
+                        "the condition matched {ty}/{id} but the resource has id '{}'",
+                        body_id.chars().take(64).collect::<String>()
+                    )));
+                }
+                self.update(id, resource, if_match)
+            }
+            _ => Err(StoreError::MultipleMatches { count: ids.len() }),
+        }
+    }
+
+    fn delete(
+        &mut self,
+        ty: ResourceType,
+        id: &ResourceId,
+        if_match: Option<VersionId>,
+    ) -> Result<DeleteResult, StoreError> {
+        let prev = self.view.pointer(self.t, ty, id)?;
+        check_if_match(if_match, prev.as_ref())?;
+        match prev {
+            Some(p) if !p.deleted => {
+                let version = p.version.next();
+                let (seq, _) = self.write_version(ty, id, Some(p), None)?;
+                Ok(DeleteResult {
+                    resource_type: ty,
+                    id: Some(id.clone()),
+                    version: Some(version),
+                    seq: Some(seq),
+                })
+            }
+            _ => Ok(DeleteResult {
+                resource_type: ty,
+                id: Some(id.clone()),
+                version: None,
+                seq: None,
+            }),
+        }
+    }
+
+    fn conditional_delete(
+        &mut self,
+        ty: ResourceType,
+        cond: &Condition,
+    ) -> Result<DeleteResult, StoreError> {
+        let ids = find(&*self.view, self.t, ty, cond)?;
+        match ids.as_slice() {
+            [] => Ok(DeleteResult {
+                resource_type: ty,
+                id: None,
+                version: None,
+                seq: None,
+            }),
+            [id] => self.delete(ty, id, None),
+            _ => Err(StoreError::MultipleMatches { count: ids.len() }),
+        }
+    }
+
+    /// Writes the next version of `ty/id` after `prev` — `resource`, or a deletion if `None` —
+    /// with its current pointer, identifier-index changes and change-log records.
+    fn write_version(
+        &mut self,
+        ty: ResourceType,
+        id: &ResourceId,
+        prev: Option<Pointer>,
+        resource: Option<Resource>,
+    ) -> Result<(u64, Option<StoredResource>), StoreError> {
+        let t = self.t;
+        let version = prev.as_ref().map_or(VersionId::FIRST, |p| p.version.next());
+        let was_live = prev.as_ref().is_some_and(|p| !p.deleted);
+        let method = match (&resource, was_live) {
+            (None, _) => Method::Delete,
+            (Some(_), true) => Method::Update,
+            (Some(_), false) => Method::Create,
+        };
+        let seq = self.st.last_seq + 1;
+        let micros = self.now;
+        let last_updated = format_micros(micros);
+
+        let (json, identifiers) = match resource {
+            Some(mut r) => {
+                r.set_id(id);
+                r.set_meta(version, &last_updated);
+                (r.to_json_bytes(), indexed_identifiers(&r))
+            }
+            None => (Vec::new(), Vec::new()),
+        };
+        let old: BTreeSet<&IndexedIdentifier> = match &prev {
+            Some(p) if !p.deleted => p.identifiers.iter().collect(),
+            _ => BTreeSet::new(),
+        };
+        let new: BTreeSet<&IndexedIdentifier> = identifiers.iter().collect();
+        for gone in old.difference(&new) {
+            self.view.delete(keys::identifier_key(t, ty, gone, id));
+        }
+        for added in new.difference(&old) {
+            self.view.put(
+                keys::identifier_key(t, ty, added, id),
+                id.as_str().as_bytes().to_vec(),
+            );
+        }
+
+        let record = VersionRecord {
+            method,
+            seq,
+            last_updated_micros: micros,
+            json,
+        };
+        self.view
+            .put(keys::version_key(t, ty, id, version), record.encode());
+        let pointer = Pointer {
+            deleted: method == Method::Delete,
+            version,
+            last_updated_micros: micros,
+            identifiers,
+        };
+        self.view
+            .put(keys::current_key(t, ty, id), pointer.encode());
+        let change = ChangeRecord {
+            method,
+            resource_type: ty,
+            id: id.clone(),
+            version,
+            last_updated_micros: micros,
+        }
+        .encode();
+        self.view
+            .put(keys::type_history_key(t, ty, seq), change.clone());
+        self.view.put(keys::change_key(t, seq), change);
+        self.st = TenantState {
+            last_seq: seq,
+            last_micros: micros,
+        };
+
+        let stored = (method != Method::Delete).then(|| StoredResource {
+            resource_type: ty,
+            id: id.clone(),
+            version,
+            last_updated,
+            json: record.json,
+        });
+        Ok((seq, stored))
+    }
+}
