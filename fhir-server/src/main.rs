@@ -102,6 +102,19 @@ fn backend(b: BackendArg) -> Result<Backend, String> {
 fn open_store(data: &Path, b: BackendArg) -> Result<(Store, bool), String> {
     let dir = data.join("store");
     let fresh = !dir.exists();
+    open_store_dir(dir, fresh, b)
+}
+
+/// Opens an existing data folder only: listing or removing must not create one by accident.
+fn open_existing_store(data: &Path, b: BackendArg) -> Result<Store, String> {
+    let dir = data.join("store");
+    if !dir.exists() {
+        return Err(format!("no data folder with a store at {}", data.display()));
+    }
+    open_store_dir(dir, false, b).map(|(s, _)| s)
+}
+
+fn open_store_dir(dir: PathBuf, fresh: bool, b: BackendArg) -> Result<(Store, bool), String> {
     let opts = StoreOptions {
         backend: backend(b)?,
         ..StoreOptions::default()
@@ -197,7 +210,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 Ok(())
             }
             TenantCommand::List { data, backend } => {
-                let (store, _) = open_store(&data, backend)?;
+                let store = open_existing_store(&data, backend)?;
                 for t in store.tenants().map_err(|e| e.to_string())? {
                     println!("{}\t{}\t{}", t.id, t.created, t.name);
                 }
@@ -205,7 +218,7 @@ fn run(cli: Cli) -> Result<(), String> {
             }
             TenantCommand::Remove { id, data, backend } => {
                 let id = TenantId::new(&id).map_err(|e| e.to_string())?;
-                let (store, _) = open_store(&data, backend)?;
+                let store = open_existing_store(&data, backend)?;
                 if store.remove_tenant(&id).map_err(|e| e.to_string())? {
                     println!("removed tenant {id}");
                     Ok(())
