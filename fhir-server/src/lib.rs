@@ -3,7 +3,7 @@
 //! The REST face of the store: a complete FHIR R4 base per tenant at `/fhir/{tenant}`, an admin
 //! API for tenants, health endpoints, and the `fhir-server` binary.
 //!
-//! Handlers are thin: they parse the request (extractors and [`format`]), call
+//! Handlers are thin: they parse the request (extractors and [`mod@format`]), call
 //! [`fhir_store::Store`] on the blocking pool, and render the result. Every failure is an
 //! [`error::ApiError`], turned into a status and an OperationOutcome in one place.
 #![warn(missing_docs)]
@@ -33,7 +33,7 @@ use crate::error::ApiError;
 pub struct ServerConfig {
     /// Largest accepted request body in bytes (default 8 MiB).
     pub max_body_bytes: usize,
-    /// Public base URL (scheme://host[:port]) used in `Location` and links; when unset, it is
+    /// Public base URL (`scheme://host[:port]`) used in `Location` and links; when unset, it is
     /// taken from the request's `Host` header.
     pub public_base: Option<String>,
     /// Largest `_count` a client may ask for.
