@@ -15,11 +15,13 @@
 #![warn(missing_docs)]
 
 pub mod error;
+pub mod fhirpath;
 pub mod ids;
 pub mod json;
 pub mod outcome;
 pub mod resource;
 pub mod schema;
+pub mod search_param;
 #[cfg(feature = "fhirbolt")]
 pub mod typed;
 pub mod validate;
