@@ -1,0 +1,795 @@
+//! The `[auth]` section of the server's TOML configuration, with environment overrides.
+//!
+//! ```toml
+//! [auth]
+//! mode = "on"                       # "on" | "off" (required; "off" = --no-auth, local use only)
+//! realm = "fhir"                    # realm of WWW-Authenticate challenges
+//! dpop_algorithms = ["ES256", "PS256", "RS256"]
+//! dpop_max_age_secs = 60            # how old a DPoP proof (iat) may be
+//! dpop_replay_cache_entries = 200000
+//! jwks_fetch_timeout_secs = 10
+//!
+//! [auth.org_tenants]                # organisation number -> tenant id, for all issuers
+//! "983974899" = "helse-bergen"
+//!
+//! [[auth.issuer]]
+//! issuer = "https://helseid-sts.nhn.no"        # exact `iss`
+//! jwks_url = "https://helseid-sts.nhn.no/.well-known/openid-configuration/jwks"
+//! # jwks_file = "/etc/fhir/helseid-jwks.json"  # exactly one of jwks_url / jwks_file
+//! audiences = ["nhn:fhir-dho"]                 # at least one
+//! algorithms = ["RS256", "PS256", "ES256"]     # default; HS* and none are refused
+//! token_types = ["at+jwt", "JWT"]              # default
+//! dpop = "required"                            # "off" | "optional" (default) | "required"
+//! clock_skew_secs = 30                         # default; at most 300
+//! jwks_cache_secs = 3600                       # default
+//! jwks_min_refresh_secs = 30                   # default; unknown-kid refresh rate limit
+//! smart_scopes = false                         # read token scopes as SMART scopes too (default true)
+//! tenant_claims = [                            # tried in order; the first claim present decides
+//!   { claim = "helseid://claims/client/claims/orgnr_parent", kind = "orgnr" },
+//!   { claim = "helseid://claims/client/claims/orgnr_child", kind = "orgnr" },
+//! ]
+//! [auth.issuer.scope_map]                      # issuer scope -> SMART scopes
+//! "nhn:fhir-dho/read" = ["user/*.rs"]
+//! "nhn:fhir-dho/write" = ["user/*.cud"]
+//! [auth.issuer.org_tenants]                    # extends/overrides [auth.org_tenants]
+//! "974557746" = "helse-fonna"
+//! ```
+//!
+//! Unknown keys inside `[auth]` are errors (a typo must not silently weaken security); other
+//! top-level tables of the file are left to their owners.
+//!
+//! # Environment overrides
+//!
+//! [`AuthConfig::with_env_overrides`] applies, after the file:
+//!
+//! | variable | effect |
+//! |---|---|
+//! | `FHIR_AUTH_MODE` | `on` / `off` |
+//! | `FHIR_AUTH_REALM` | `realm` |
+//! | `FHIR_AUTH_ISSUER` | selects the issuer (by `issuer`) that the variables below change; creates it if absent |
+//! | `FHIR_AUTH_JWKS_FILE` | that issuer's `jwks_file` (clears `jwks_url`) |
+//! | `FHIR_AUTH_JWKS_URL` | that issuer's `jwks_url` (clears `jwks_file`) |
+//! | `FHIR_AUTH_AUDIENCES` | that issuer's `audiences`, comma-separated |
+//! | `FHIR_AUTH_ALGORITHMS` | that issuer's `algorithms`, comma-separated |
+//! | `FHIR_AUTH_DPOP` | that issuer's `dpop` |
+//! | `FHIR_AUTH_CLOCK_SKEW_SECS` | that issuer's `clock_skew_secs` |
+//! | `FHIR_AUTH_ORG_TENANTS` | entries `orgnr=tenant,…` added to `[auth.org_tenants]` |
+//!
+//! Without `FHIR_AUTH_ISSUER`, the issuer variables change the only configured issuer, and are
+//! an error when there are none or several. A whole configuration can come from the
+//! environment alone: [`AuthConfig::from_env`].
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::jwt::SigningAlg;
+use super::scopes::SmartScope;
+
+/// Claim names of HelseID's client organisation numbers.
+pub const HELSEID_ORGNR_PARENT: &str = "helseid://claims/client/claims/orgnr_parent";
+/// See [`HELSEID_ORGNR_PARENT`].
+pub const HELSEID_ORGNR_CHILD: &str = "helseid://claims/client/claims/orgnr_child";
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read auth configuration {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed or a value has the wrong type; the message names line, column and
+    /// key.
+    #[error("auth configuration: {0}")]
+    Parse(String),
+    /// A value is well-formed but not acceptable.
+    #[error("auth configuration: {key}: {message}")]
+    Invalid {
+        /// The offending key, e.g. `auth.issuer[0].audiences`.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// An environment variable has a bad value or cannot be applied.
+    #[error("environment variable {var}: {message}")]
+    Env {
+        /// The variable.
+        var: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// Whether requests are authenticated at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// Every request is let in as an unrestricted principal (`--no-auth`, local use and tests).
+    Off,
+    /// Every request needs a valid token.
+    On,
+}
+
+/// Whether an issuer's tokens are DPoP-bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DpopMode {
+    /// Only `Bearer`; the `DPoP` scheme is refused, and so are DPoP-bound tokens.
+    Off,
+    /// `Bearer` for unbound tokens and `DPoP` for bound ones (RFC 9449 §7.2).
+    Optional,
+    /// Only `DPoP` (HelseID: an API that uses DPoP must not accept Bearer).
+    Required,
+}
+
+/// How the values of a tenant claim become tenant ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TenantClaimKind {
+    /// Values are organisation numbers, mapped through `org_tenants`; unmapped numbers give no
+    /// tenant.
+    Orgnr,
+    /// Values are tenant ids as they are (the SMART `tenant` launch-context claim).
+    Tenant,
+}
+
+/// A claim that names the tenant(s) a token is for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantClaim {
+    /// The claim's name.
+    pub claim: String,
+    /// How its values are read.
+    pub kind: TenantClaimKind,
+}
+
+/// The `[auth]` table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// `on` or `off`; required, so that forgetting the section cannot switch auth off.
+    pub mode: AuthMode,
+    /// Realm of `WWW-Authenticate` challenges.
+    #[serde(default = "default_realm")]
+    pub realm: String,
+    /// Trusted token issuers (`[[auth.issuer]]`).
+    #[serde(default, rename = "issuer")]
+    pub issuers: Vec<IssuerConfig>,
+    /// Organisation number → tenant id, shared by all issuers.
+    #[serde(default)]
+    pub org_tenants: BTreeMap<String, String>,
+    /// Algorithms accepted for DPoP proofs.
+    #[serde(default = "default_algorithms")]
+    pub dpop_algorithms: Vec<SigningAlg>,
+    /// How old (seconds, by `iat`) a DPoP proof may be.
+    #[serde(default = "default_dpop_max_age")]
+    pub dpop_max_age_secs: u64,
+    /// How many proof `jti`s are remembered at most; when full of live entries, DPoP requests
+    /// get 503 until entries expire.
+    #[serde(default = "default_replay_entries")]
+    pub dpop_replay_cache_entries: usize,
+    /// Time limit for fetching a JWKS URL.
+    #[serde(default = "default_fetch_timeout")]
+    pub jwks_fetch_timeout_secs: u64,
+}
+
+/// One `[[auth.issuer]]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssuerConfig {
+    /// The exact `iss` value.
+    pub issuer: String,
+    /// A JWKS file (re-read on refresh).
+    #[serde(default)]
+    pub jwks_file: Option<PathBuf>,
+    /// A JWKS URL (`https://`, or `http://` for loopback hosts).
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    /// Accepted `aud` values; a token must name at least one.
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    /// Accepted token signing algorithms.
+    #[serde(default = "default_algorithms")]
+    pub algorithms: Vec<SigningAlg>,
+    /// Accepted `typ` header values (compared ignoring case and an `application/` prefix).
+    #[serde(default = "default_token_types")]
+    pub token_types: Vec<String>,
+    /// DPoP use.
+    #[serde(default = "default_dpop")]
+    pub dpop: DpopMode,
+    /// Allowed clock difference (seconds) for `exp`, `nbf`, `iat` and DPoP `iat`.
+    #[serde(default = "default_skew")]
+    pub clock_skew_secs: u64,
+    /// How long fetched keys are used before they are fetched again.
+    #[serde(default = "default_jwks_cache")]
+    pub jwks_cache_secs: u64,
+    /// Fewest seconds between two refreshes caused by unknown `kid`s.
+    #[serde(default = "default_min_refresh")]
+    pub jwks_min_refresh_secs: u64,
+    /// Whether token scopes that are not in `scope_map` are read as SMART scopes.
+    #[serde(default = "default_true")]
+    pub smart_scopes: bool,
+    /// Issuer scope → SMART scopes it grants (for API-named scopes such as HelseID's).
+    #[serde(default)]
+    pub scope_map: BTreeMap<String, Vec<String>>,
+    /// Claims naming the token's tenant(s), tried in order: the first one present decides.
+    #[serde(default = "default_tenant_claims")]
+    pub tenant_claims: Vec<TenantClaim>,
+    /// Organisation number → tenant id for this issuer, over `[auth.org_tenants]`.
+    #[serde(default)]
+    pub org_tenants: BTreeMap<String, String>,
+}
+
+fn default_realm() -> String {
+    super::error::DEFAULT_REALM.to_string()
+}
+fn default_algorithms() -> Vec<SigningAlg> {
+    vec![SigningAlg::RS256, SigningAlg::PS256, SigningAlg::ES256]
+}
+fn default_token_types() -> Vec<String> {
+    vec!["at+jwt".into(), "JWT".into()]
+}
+fn default_dpop() -> DpopMode {
+    DpopMode::Optional
+}
+fn default_skew() -> u64 {
+    30
+}
+fn default_jwks_cache() -> u64 {
+    3600
+}
+fn default_min_refresh() -> u64 {
+    30
+}
+fn default_true() -> bool {
+    true
+}
+fn default_dpop_max_age() -> u64 {
+    60
+}
+fn default_replay_entries() -> usize {
+    200_000
+}
+fn default_fetch_timeout() -> u64 {
+    10
+}
+/// HelseID's organisation claims (parent first: a trust is the parent organisation), then the
+/// SMART `tenant` claim.
+fn default_tenant_claims() -> Vec<TenantClaim> {
+    vec![
+        TenantClaim {
+            claim: HELSEID_ORGNR_PARENT.into(),
+            kind: TenantClaimKind::Orgnr,
+        },
+        TenantClaim {
+            claim: HELSEID_ORGNR_CHILD.into(),
+            kind: TenantClaimKind::Orgnr,
+        },
+        TenantClaim {
+            claim: "tenant".into(),
+            kind: TenantClaimKind::Tenant,
+        },
+    ]
+}
+
+impl IssuerConfig {
+    /// An issuer with every optional key at its default.
+    pub fn new(issuer: impl Into<String>) -> IssuerConfig {
+        IssuerConfig {
+            issuer: issuer.into(),
+            jwks_file: None,
+            jwks_url: None,
+            audiences: Vec::new(),
+            algorithms: default_algorithms(),
+            token_types: default_token_types(),
+            dpop: default_dpop(),
+            clock_skew_secs: default_skew(),
+            jwks_cache_secs: default_jwks_cache(),
+            jwks_min_refresh_secs: default_min_refresh(),
+            smart_scopes: true,
+            scope_map: BTreeMap::new(),
+            tenant_claims: default_tenant_claims(),
+            org_tenants: BTreeMap::new(),
+        }
+    }
+}
+
+impl Default for AuthConfig {
+    /// Auth off, no issuers.
+    fn default() -> Self {
+        AuthConfig::off()
+    }
+}
+
+#[derive(Deserialize)]
+struct File {
+    auth: Option<AuthConfig>,
+}
+
+/// Most seconds of clock skew accepted; more would make `exp` meaningless.
+const MAX_SKEW: u64 = 300;
+
+impl AuthConfig {
+    /// Auth switched off (`--no-auth`).
+    pub fn off() -> AuthConfig {
+        AuthConfig {
+            mode: AuthMode::Off,
+            realm: default_realm(),
+            issuers: Vec::new(),
+            org_tenants: BTreeMap::new(),
+            dpop_algorithms: default_algorithms(),
+            dpop_max_age_secs: default_dpop_max_age(),
+            dpop_replay_cache_entries: default_replay_entries(),
+            jwks_fetch_timeout_secs: default_fetch_timeout(),
+        }
+    }
+
+    /// Parses the `[auth]` table of a TOML document and validates it. A document without
+    /// `[auth]` is an error.
+    pub fn from_toml_str(toml_text: &str) -> Result<AuthConfig, ConfigError> {
+        let file: File =
+            toml::from_str(toml_text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let cfg = file
+            .auth
+            .ok_or_else(|| invalid("auth", "the [auth] table is missing"))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Reads and parses a TOML file (see [`AuthConfig::from_toml_str`]).
+    pub fn from_file(path: impl AsRef<Path>) -> Result<AuthConfig, ConfigError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        AuthConfig::from_toml_str(&text)
+    }
+
+    /// A configuration from environment variables alone, starting from auth off.
+    pub fn from_env() -> Result<AuthConfig, ConfigError> {
+        AuthConfig::off().with_env_overrides()
+    }
+
+    /// Applies the `FHIR_AUTH_*` variables of the process environment (see the module docs)
+    /// and validates the result.
+    pub fn with_env_overrides(self) -> Result<AuthConfig, ConfigError> {
+        self.with_overrides_from(|name| std::env::var(name).ok())
+    }
+
+    /// Like [`AuthConfig::with_env_overrides`], reading variables through `lookup` (for tests
+    /// and embedders with their own settings source).
+    pub fn with_overrides_from(
+        mut self,
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<AuthConfig, ConfigError> {
+        let get = |var: &'static str| lookup(var).filter(|v| !v.trim().is_empty());
+        if let Some(v) = get("FHIR_AUTH_MODE") {
+            self.mode = match v.trim().to_ascii_lowercase().as_str() {
+                "on" => AuthMode::On,
+                "off" => AuthMode::Off,
+                _ => {
+                    return Err(ConfigError::Env {
+                        var: "FHIR_AUTH_MODE",
+                        message: "expected on or off".into(),
+                    });
+                }
+            };
+        }
+        if let Some(v) = get("FHIR_AUTH_REALM") {
+            self.realm = v;
+        }
+        if let Some(v) = get("FHIR_AUTH_ORG_TENANTS") {
+            for pair in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                let (org, tenant) = pair.split_once('=').ok_or_else(|| ConfigError::Env {
+                    var: "FHIR_AUTH_ORG_TENANTS",
+                    message: format!("'{pair}' is not orgnr=tenant"),
+                })?;
+                self.org_tenants
+                    .insert(org.trim().to_string(), tenant.trim().to_string());
+            }
+        }
+
+        const ISSUER_VARS: [&str; 6] = [
+            "FHIR_AUTH_JWKS_FILE",
+            "FHIR_AUTH_JWKS_URL",
+            "FHIR_AUTH_AUDIENCES",
+            "FHIR_AUTH_ALGORITHMS",
+            "FHIR_AUTH_DPOP",
+            "FHIR_AUTH_CLOCK_SKEW_SECS",
+        ];
+        let chosen = get("FHIR_AUTH_ISSUER");
+        let any_issuer_var = ISSUER_VARS.iter().any(|v| get(v).is_some());
+        if chosen.is_some() || any_issuer_var {
+            let idx = match &chosen {
+                Some(iss) => match self.issuers.iter().position(|i| &i.issuer == iss) {
+                    Some(i) => i,
+                    None => {
+                        self.issuers.push(IssuerConfig::new(iss.clone()));
+                        self.issuers.len() - 1
+                    }
+                },
+                None if self.issuers.len() == 1 => 0,
+                None => {
+                    let var = ISSUER_VARS
+                        .into_iter()
+                        .find(|v| get(v).is_some())
+                        .unwrap_or("FHIR_AUTH_ISSUER");
+                    return Err(ConfigError::Env {
+                        var,
+                        message: format!(
+                            "{} issuers are configured; set FHIR_AUTH_ISSUER to say which one to change",
+                            self.issuers.len()
+                        ),
+                    });
+                }
+            };
+            let issuer = &mut self.issuers[idx];
+            if let Some(v) = get("FHIR_AUTH_JWKS_FILE") {
+                issuer.jwks_file = Some(PathBuf::from(v));
+                issuer.jwks_url = None;
+            }
+            if let Some(v) = get("FHIR_AUTH_JWKS_URL") {
+                issuer.jwks_url = Some(v);
+                issuer.jwks_file = None;
+            }
+            if let Some(v) = get("FHIR_AUTH_AUDIENCES") {
+                issuer.audiences = split_list(&v);
+            }
+            if let Some(v) = get("FHIR_AUTH_ALGORITHMS") {
+                issuer.algorithms = split_list(&v)
+                    .iter()
+                    .map(|a| a.parse())
+                    .collect::<Result<_, String>>()
+                    .map_err(|message| ConfigError::Env {
+                        var: "FHIR_AUTH_ALGORITHMS",
+                        message,
+                    })?;
+            }
+            if let Some(v) = get("FHIR_AUTH_DPOP") {
+                issuer.dpop = match v.trim().to_ascii_lowercase().as_str() {
+                    "off" => DpopMode::Off,
+                    "optional" => DpopMode::Optional,
+                    "required" => DpopMode::Required,
+                    _ => {
+                        return Err(ConfigError::Env {
+                            var: "FHIR_AUTH_DPOP",
+                            message: "expected off, optional or required".into(),
+                        });
+                    }
+                };
+            }
+            if let Some(v) = get("FHIR_AUTH_CLOCK_SKEW_SECS") {
+                issuer.clock_skew_secs = v.trim().parse().map_err(|_| ConfigError::Env {
+                    var: "FHIR_AUTH_CLOCK_SKEW_SECS",
+                    message: "expected a whole number of seconds".into(),
+                })?;
+            }
+        }
+        self.validate()?;
+        Ok(self)
+    }
+
+    /// Checks everything serde cannot: required combinations, value ranges, scope syntax,
+    /// tenant ids. Errors name the offending key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.realm.is_empty() || !self.realm.bytes().all(|b| (b' '..=b'~').contains(&b)) {
+            return Err(invalid("auth.realm", "must be non-empty printable ASCII"));
+        }
+        if self.dpop_algorithms.is_empty() {
+            return Err(invalid("auth.dpop_algorithms", "must not be empty"));
+        }
+        if !(1..=3600).contains(&self.dpop_max_age_secs) {
+            return Err(invalid("auth.dpop_max_age_secs", "must be 1 to 3600"));
+        }
+        if self.dpop_replay_cache_entries == 0 {
+            return Err(invalid(
+                "auth.dpop_replay_cache_entries",
+                "must be at least 1",
+            ));
+        }
+        if self.jwks_fetch_timeout_secs == 0 {
+            return Err(invalid(
+                "auth.jwks_fetch_timeout_secs",
+                "must be at least 1",
+            ));
+        }
+        check_org_tenants("auth.org_tenants", &self.org_tenants)?;
+        if self.mode == AuthMode::On && self.issuers.is_empty() {
+            return Err(invalid(
+                "auth.issuer",
+                "mode = \"on\" needs at least one [[auth.issuer]]",
+            ));
+        }
+        for (i, iss) in self.issuers.iter().enumerate() {
+            let key = |k: &str| format!("auth.issuer[{i}].{k}");
+            if iss.issuer.trim().is_empty() {
+                return Err(invalid(key("issuer"), "must not be empty"));
+            }
+            if self.issuers[..i].iter().any(|o| o.issuer == iss.issuer) {
+                return Err(invalid(
+                    key("issuer"),
+                    format!("'{}' is configured twice", iss.issuer),
+                ));
+            }
+            match (&iss.jwks_file, &iss.jwks_url) {
+                (Some(_), Some(_)) => {
+                    return Err(invalid(
+                        key("jwks_url"),
+                        "give either jwks_file or jwks_url, not both",
+                    ));
+                }
+                (None, None) => {
+                    return Err(invalid(key("jwks_file"), "give jwks_file or jwks_url"));
+                }
+                (None, Some(url)) => {
+                    check_jwks_url(url).map_err(|m| invalid(key("jwks_url"), m))?
+                }
+                (Some(_), None) => {}
+            }
+            if iss.audiences.is_empty() || iss.audiences.iter().any(|a| a.is_empty()) {
+                return Err(invalid(
+                    key("audiences"),
+                    "at least one non-empty audience is required (tokens for other APIs must be refused)",
+                ));
+            }
+            if iss.algorithms.is_empty() {
+                return Err(invalid(key("algorithms"), "must not be empty"));
+            }
+            if iss.token_types.is_empty() {
+                return Err(invalid(key("token_types"), "must not be empty"));
+            }
+            if iss.clock_skew_secs > MAX_SKEW {
+                return Err(invalid(
+                    key("clock_skew_secs"),
+                    format!("at most {MAX_SKEW} seconds"),
+                ));
+            }
+            if iss.jwks_cache_secs == 0 {
+                return Err(invalid(key("jwks_cache_secs"), "must be at least 1"));
+            }
+            for (from, to) in &iss.scope_map {
+                for s in to {
+                    match SmartScope::parse(s) {
+                        Ok(Some(_)) => {}
+                        Ok(None) => {
+                            return Err(invalid(
+                                format!("auth.issuer[{i}].scope_map.\"{from}\""),
+                                format!("'{s}' is not a SMART resource scope"),
+                            ));
+                        }
+                        Err(e) => {
+                            return Err(invalid(
+                                format!("auth.issuer[{i}].scope_map.\"{from}\""),
+                                e.to_string(),
+                            ));
+                        }
+                    }
+                }
+            }
+            if iss.tenant_claims.is_empty() {
+                return Err(invalid(
+                    key("tenant_claims"),
+                    "must not be empty: without a tenant claim no token reaches any tenant",
+                ));
+            }
+            if iss.tenant_claims.iter().any(|c| c.claim.is_empty()) {
+                return Err(invalid(key("tenant_claims"), "a claim name is empty"));
+            }
+            check_org_tenants(&key("org_tenants"), &iss.org_tenants)?;
+        }
+        Ok(())
+    }
+}
+
+fn split_list(v: &str) -> Vec<String> {
+    v.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+fn check_org_tenants(key: &str, map: &BTreeMap<String, String>) -> Result<(), ConfigError> {
+    for (org, tenant) in map {
+        if org.trim().is_empty() {
+            return Err(invalid(key, "an organisation number is empty"));
+        }
+        if fhir_core::TenantId::new(tenant).is_err() {
+            return Err(invalid(
+                format!("{key}.\"{org}\""),
+                format!("'{tenant}' is not a valid tenant id"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `https://…`, or `http://` to a loopback host (tests, sidecars): plain HTTP elsewhere would
+/// let anyone on the path substitute the issuer's keys.
+fn check_jwks_url(url: &str) -> Result<(), String> {
+    if url.starts_with("https://") && url.len() > "https://".len() {
+        return Ok(());
+    }
+    if url.starts_with("http://") {
+        let (host, _, _) = super::jwks::split_http_url(url)?;
+        let loopback = host == "localhost"
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        if loopback {
+            return Ok(());
+        }
+        return Err("plain http:// is only allowed for loopback hosts; use https://".into());
+    }
+    Err("must be an https:// URL".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [auth]
+        mode = "on"
+        [[auth.issuer]]
+        issuer = "https://issuer.example"
+        jwks_file = "/tmp/jwks.json"
+        audiences = ["fhir"]
+    "#;
+
+    fn err_key(text: &str) -> String {
+        match AuthConfig::from_toml_str(text) {
+            Err(ConfigError::Invalid { key, .. }) => key,
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn examples_parse() {
+        let h = AuthConfig::from_toml_str(include_str!("examples/helseid.toml"))
+            .expect("helseid example");
+        assert_eq!(h.issuers[0].dpop, DpopMode::Required);
+        assert!(!h.issuers[0].smart_scopes);
+        let s =
+            AuthConfig::from_toml_str(include_str!("examples/smart.toml")).expect("smart example");
+        assert_eq!(s.mode, AuthMode::On);
+    }
+
+    #[test]
+    fn minimal_gets_defaults() {
+        let c = AuthConfig::from_toml_str(MINIMAL).expect("valid");
+        let i = &c.issuers[0];
+        assert_eq!(i.algorithms, default_algorithms());
+        assert_eq!(i.dpop, DpopMode::Optional);
+        assert_eq!(i.tenant_claims[0].claim, HELSEID_ORGNR_PARENT);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        assert_eq!(err_key("[auth]\nmode = \"on\""), "auth.issuer");
+        assert_eq!(
+            err_key(&MINIMAL.replace("[\"fhir\"]", "[]")),
+            "auth.issuer[0].audiences"
+        );
+        assert_eq!(
+            err_key(&MINIMAL.replace("jwks_file = \"/tmp/jwks.json\"", "")),
+            "auth.issuer[0].jwks_file"
+        );
+        assert_eq!(
+            err_key(&MINIMAL.replace(
+                "jwks_file = \"/tmp/jwks.json\"",
+                "jwks_url = \"http://evil.example/jwks\""
+            )),
+            "auth.issuer[0].jwks_url"
+        );
+        assert_eq!(
+            err_key(&format!(
+                "{MINIMAL}\n[auth.issuer.scope_map]\n\"api/read\" = [\"user/Patient.sr\"]"
+            )),
+            "auth.issuer[0].scope_map.\"api/read\""
+        );
+        assert_eq!(
+            err_key(&format!(
+                "{MINIMAL}\n[auth.issuer.org_tenants]\n\"1\" = \"bad id!\""
+            )),
+            "auth.issuer[0].org_tenants.\"1\""
+        );
+        assert_eq!(err_key("x = 1"), "auth");
+    }
+
+    #[test]
+    fn serde_errors_name_the_key_too() {
+        let e =
+            AuthConfig::from_toml_str(&MINIMAL.replace("audiences", "audience")).expect_err("typo");
+        assert!(e.to_string().contains("audience"), "{e}");
+        let e = AuthConfig::from_toml_str(&format!("{MINIMAL}algorithms = [\"HS256\"]"))
+            .expect_err("hs256");
+        assert!(e.to_string().contains("HS256"), "{e}");
+        let e =
+            AuthConfig::from_toml_str(&MINIMAL.replace("\"on\"", "\"maybe\"")).expect_err("mode");
+        assert!(e.to_string().contains("mode"), "{e}");
+    }
+
+    #[test]
+    fn env_overrides() {
+        let env: BTreeMap<&str, &str> = [
+            ("FHIR_AUTH_MODE", "off"),
+            ("FHIR_AUTH_JWKS_URL", "https://issuer.example/jwks"),
+            ("FHIR_AUTH_AUDIENCES", "a, b"),
+            ("FHIR_AUTH_DPOP", "required"),
+            ("FHIR_AUTH_ORG_TENANTS", "983974899=hb"),
+        ]
+        .into();
+        let c = AuthConfig::from_toml_str(MINIMAL)
+            .and_then(|c| c.with_overrides_from(|k| env.get(k).map(|v| v.to_string())))
+            .expect("valid");
+        assert_eq!(c.mode, AuthMode::Off);
+        let i = &c.issuers[0];
+        assert_eq!(i.jwks_file, None);
+        assert_eq!(i.jwks_url.as_deref(), Some("https://issuer.example/jwks"));
+        assert_eq!(i.audiences, vec!["a", "b"]);
+        assert_eq!(i.dpop, DpopMode::Required);
+        assert_eq!(
+            c.org_tenants.get("983974899").map(String::as_str),
+            Some("hb")
+        );
+    }
+
+    #[test]
+    fn env_alone_builds_a_config() {
+        let env: BTreeMap<&str, &str> = [
+            ("FHIR_AUTH_MODE", "on"),
+            ("FHIR_AUTH_ISSUER", "https://idp.example"),
+            ("FHIR_AUTH_JWKS_FILE", "/etc/jwks.json"),
+            ("FHIR_AUTH_AUDIENCES", "fhir"),
+        ]
+        .into();
+        let c = AuthConfig::off()
+            .with_overrides_from(|k| env.get(k).map(|v| v.to_string()))
+            .expect("valid");
+        assert_eq!(c.issuers.len(), 1);
+        assert_eq!(c.issuers[0].issuer, "https://idp.example");
+        let bad = AuthConfig::off()
+            .with_overrides_from(|k| (k == "FHIR_AUTH_AUDIENCES").then(|| "x".to_string()));
+        assert!(matches!(
+            bad,
+            Err(ConfigError::Env {
+                var: "FHIR_AUTH_AUDIENCES",
+                ..
+            })
+        ));
+        let bad = AuthConfig::off()
+            .with_overrides_from(|k| (k == "FHIR_AUTH_MODE").then(|| "yes".to_string()));
+        assert!(matches!(
+            bad,
+            Err(ConfigError::Env {
+                var: "FHIR_AUTH_MODE",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn jwks_url_rules() {
+        assert!(check_jwks_url("https://helseid-sts.nhn.no/jwks").is_ok());
+        assert!(check_jwks_url("http://127.0.0.1:9/jwks").is_ok());
+        assert!(check_jwks_url("http://localhost/jwks").is_ok());
+        assert!(check_jwks_url("http://[::1]:8/jwks").is_ok());
+        assert!(check_jwks_url("http://10.0.0.1/jwks").is_err());
+        assert!(check_jwks_url("file:///etc/jwks").is_err());
+        assert!(check_jwks_url("https://").is_err());
+    }
+}
