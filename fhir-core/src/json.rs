@@ -104,6 +104,13 @@ impl Map {
         self.entries.is_empty()
     }
 
+    /// Compact serialization of the object (without cloning it into a [`Json`] first).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = String::with_capacity(256);
+        write_object(&mut out, self, None, 0);
+        out.into_bytes()
+    }
+
     /// Keeps only the members for which `keep` returns true.
     pub fn retain(&mut self, mut keep: impl FnMut(&str, &Json) -> bool) {
         self.entries.retain(|(k, v)| keep(k, v));
@@ -534,28 +541,30 @@ fn write_value(out: &mut String, v: &Json, indent: Option<usize>, level: usize) 
             newline(out, indent, level);
             out.push(']');
         }
-        Json::Object(m) => {
-            if m.is_empty() {
-                out.push_str("{}");
-                return;
-            }
-            out.push('{');
-            for (i, (k, item)) in m.iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                newline(out, indent, level + 1);
-                write_string(out, k);
-                out.push(':');
-                if indent.is_some() {
-                    out.push(' ');
-                }
-                write_value(out, item, indent, level + 1);
-            }
-            newline(out, indent, level);
-            out.push('}');
-        }
+        Json::Object(m) => write_object(out, m, indent, level),
     }
+}
+
+fn write_object(out: &mut String, m: &Map, indent: Option<usize>, level: usize) {
+    if m.is_empty() {
+        out.push_str("{}");
+        return;
+    }
+    out.push('{');
+    for (i, (k, item)) in m.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        newline(out, indent, level + 1);
+        write_string(out, k);
+        out.push(':');
+        if indent.is_some() {
+            out.push(' ');
+        }
+        write_value(out, item, indent, level + 1);
+    }
+    newline(out, indent, level);
+    out.push('}');
 }
 
 #[cfg(test)]

@@ -19,6 +19,8 @@ pub mod fhirpath;
 pub mod ids;
 pub mod json;
 pub mod outcome;
+pub mod patch;
+pub mod references;
 pub mod resource;
 pub mod schema;
 pub mod search_param;

@@ -3,6 +3,7 @@
 use crate::error::FhirError;
 use crate::ids::{ResourceId, ResourceType, VersionId};
 use crate::json::{self, Json, Map};
+use crate::references::{self, RefKind};
 use crate::{validate, xml};
 
 /// One `Identifier` of a resource (`system` and `value`, either may be absent).
@@ -125,6 +126,17 @@ impl Resource {
         }
     }
 
+    /// Calls `f` on every reference in the resource — each `Reference.reference` and each
+    /// `uri`/`url`/`canonical` string, including those in extensions, backbone elements and
+    /// contained resources — and lets it rewrite them in place. See [`references`].
+    pub fn visit_references_mut(&mut self, f: &mut dyn FnMut(RefKind, &mut String)) {
+        let mut tree = Json::Object(std::mem::take(&mut self.body));
+        references::visit_references_mut(&mut tree, f);
+        if let Json::Object(m) = tree {
+            self.body = m;
+        }
+    }
+
     /// The JSON members.
     pub fn json(&self) -> &Map {
         &self.body
@@ -132,7 +144,7 @@ impl Resource {
 
     /// Compact JSON bytes, as stored.
     pub fn to_json_bytes(&self) -> Vec<u8> {
-        Json::Object(self.body.clone()).to_bytes()
+        self.body.to_bytes()
     }
 
     /// The JSON tree.
