@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use fhir_core::{ResourceId, ResourceType, TenantId};
 
 use crate::error::StoreError;
-use crate::keys::{self, SystemSel};
+use crate::keys::{self, IndexedIdentifier, SystemSel};
 use crate::view::Source;
 
 /// Search criteria for a conditional operation: parameters are AND-ed, the comma-separated
@@ -152,6 +152,30 @@ impl Condition {
     pub fn and(mut self, other: Condition) -> Condition {
         self.criteria.extend(other.criteria);
         self
+    }
+}
+
+impl Condition {
+    /// Whether resource `id` with these indexed identifiers matches (for resources that are not
+    /// written yet, e.g. the other entries of a transaction).
+    pub(crate) fn matches(
+        &self,
+        id: Option<&ResourceId>,
+        identifiers: &[IndexedIdentifier],
+    ) -> bool {
+        self.criteria.iter().all(|c| match c {
+            Criterion::Id(ids) => id.is_some_and(|id| ids.contains(id)),
+            Criterion::Identifier(tokens) => tokens.iter().any(|t| {
+                identifiers.iter().any(|i| {
+                    i.value == t.value
+                        && match &t.system {
+                            TokenSystem::Any => true,
+                            TokenSystem::Absent => i.system.is_none(),
+                            TokenSystem::Is(s) => i.system.as_deref() == Some(s.as_str()),
+                        }
+                })
+            }),
+        })
     }
 }
 

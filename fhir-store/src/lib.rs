@@ -35,6 +35,13 @@
 //! layers of the requests that succeeded, writes them all in one durable KV commit, and then
 //! answers. A request that fails leaves no trace; a failed commit fails the whole group.
 //!
+//! *Batches and transactions.* A [batch](Store::batch) is one request whose ops are applied
+//! each in its own layer (a failing op leaves no trace, the others go on) and committed together.
+//! A [FHIR transaction](Store::transaction_entries) is one layer: all or nothing, processed in
+//! the spec's order with `urn:uuid:` placeholders and conditional references rewritten (see
+//! the `writer::transaction` module). [`bundle::process`] turns a FHIR `batch` or `transaction`
+//! Bundle into either, validating its entries in parallel first.
+//!
 //! *Reads* go straight to the backend and see only committed, durable state.
 //!
 //! ```
@@ -67,6 +74,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod bundle;
 mod condition;
 mod error;
 mod keys;
@@ -82,14 +90,14 @@ use std::path::Path;
 use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 
-use fhir_core::{Resource, ResourceId, ResourceType, TenantId, VersionId};
+use fhir_core::{Json, Resource, ResourceId, ResourceType, TenantId, VersionId};
 
 pub use condition::Condition;
 pub use error::StoreError;
 pub use types::{
-    Backend, Change, DeleteResult, HistoryEntry, HistoryPage, HistoryQuery, HistoryScope, Method,
-    ReadResult, StoreOptions, StoredResource, TenantInfo, WriteKind, WriteOp, WriteOutcome,
-    WriteResult,
+    Backend, Change, DeleteResult, HistoryEntry, HistoryPage, HistoryQuery, HistoryScope,
+    IfNoneMatch, Method, ReadResult, StoreOptions, StoredResource, TenantInfo, TxEntry, WriteKind,
+    WriteOp, WriteOutcome, WriteResult,
 };
 
 use keys::{ChangeRecord, TenantRecord, VersionRecord};
@@ -383,6 +391,9 @@ impl Store {
     /// Applies `ops` in order, all or nothing, in one commit; each op sees the effects of the
     /// ones before it. The changes get a contiguous range of sequence numbers and one
     /// `lastUpdated`. The first failing op fails the whole transaction with its error.
+    ///
+    /// This is the plain, sequential primitive; a FHIR transaction (the spec's processing order,
+    /// `fullUrl` placeholders, conditional references) is [`Store::transaction_entries`].
     pub fn transaction(
         &self,
         t: &TenantId,
@@ -405,6 +416,105 @@ impl Store {
             })
             .collect();
         self.submit_write(t, ops)
+    }
+
+    /// Applies a JSON Patch (RFC 6902) to the current version of `ty/id` and writes the result
+    /// as the next version. The patch is applied by the writer, so concurrent patches of one
+    /// resource serialize and each sees the result of the one before. The patched resource is
+    /// validated like any other; a patch may not change `resourceType` or `id`.
+    ///
+    /// Errors: [`StoreError::NotFound`] (absent or deleted), [`StoreError::VersionConflict`]
+    /// (`if_match`), [`StoreError::InvalidPatch`].
+    pub fn patch(
+        &self,
+        t: &TenantId,
+        ty: ResourceType,
+        id: &ResourceId,
+        patch: Json,
+        if_match: Option<VersionId>,
+    ) -> Result<WriteResult, StoreError> {
+        match self.submit_one(
+            t,
+            WriteOp::Patch {
+                ty,
+                id: id.clone(),
+                patch,
+                if_match,
+            },
+        )? {
+            WriteOutcome::Write(w) => Ok(w),
+            WriteOutcome::Delete(_) => Err(unexpected()),
+        }
+    }
+
+    /// Applies each op on its own — one failing op leaves no trace and does not stop the others —
+    /// but commits all of them in one durable commit (one fsync). The results are in the order
+    /// of `ops`. The outer error is for the whole call: an unknown tenant, or a failed commit (then
+    /// nothing was written).
+    pub fn batch(
+        &self,
+        t: &TenantId,
+        ops: Vec<WriteOp>,
+    ) -> Result<Vec<Result<WriteOutcome, StoreError>>, StoreError> {
+        self.batch_entries(t, ops.into_iter().map(TxEntry::new).collect())
+    }
+
+    /// [`Store::batch`] with FHIR entries: each entry is processed like a one-entry
+    /// [`Store::transaction_entries`], so conditional references in it are resolved.
+    pub fn batch_entries(
+        &self,
+        t: &TenantId,
+        entries: Vec<TxEntry>,
+    ) -> Result<Vec<Result<WriteOutcome, StoreError>>, StoreError> {
+        match self.submit(Job::Batch {
+            tenant: t.clone(),
+            entries,
+        })? {
+            Answer::Batch(results) => Ok(results),
+            _ => Err(unexpected()),
+        }
+    }
+
+    /// A FHIR transaction: all entries or none, in one commit with a contiguous range of
+    /// sequence numbers, processed in the order of the FHIR spec (deletes, creates, then updates
+    /// and patches) with `urn:uuid:`/`urn:oid:` placeholders and conditional references
+    /// (`Patient?identifier=…`) resolved and rewritten in every entry. Outcomes are in the order
+    /// of `entries`. A failing entry fails the whole transaction with
+    /// [`StoreError::TransactionFailed`] naming its index.
+    ///
+    /// ```
+    /// use fhir_core::{Resource, TenantId};
+    /// use fhir_store::{Store, TxEntry, WriteOp, WriteOutcome};
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let store = Store::open(dir.path())?;
+    /// let t = TenantId::new("ous")?;
+    /// store.create_tenant(&t, "OUS")?;
+    /// let patient = Resource::from_json_bytes(br#"{"resourceType":"Patient"}"#)?;
+    /// let obs = Resource::from_json_bytes(br#"{"resourceType":"Observation","status":"final",
+    ///     "code":{"text":"pulse"},"subject":{"reference":"urn:uuid:7f1c0b36-2b43-4b8e-9d0e-1a2b3c4d5e6f"}}"#)?;
+    /// let out = store.transaction_entries(&t, vec![
+    ///     TxEntry::new(WriteOp::Create { resource: obs, if_none_exist: None }),
+    ///     TxEntry::with_full_url("urn:uuid:7f1c0b36-2b43-4b8e-9d0e-1a2b3c4d5e6f",
+    ///         WriteOp::Create { resource: patient, if_none_exist: None }),
+    /// ])?;
+    /// let (WriteOutcome::Write(o), WriteOutcome::Write(p)) = (&out[0], &out[1]) else { panic!() };
+    /// let stored = String::from_utf8(o.resource.json.clone())?;
+    /// assert!(stored.contains(&format!(r#""reference":"Patient/{}""#, p.resource.id)));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn transaction_entries(
+        &self,
+        t: &TenantId,
+        entries: Vec<TxEntry>,
+    ) -> Result<Vec<WriteOutcome>, StoreError> {
+        match self.submit(Job::Transaction {
+            tenant: t.clone(),
+            entries,
+        })? {
+            Answer::Outcomes(o) => Ok(o),
+            _ => Err(unexpected()),
+        }
     }
 
     // ------------------------------------------------------------------ reads
@@ -599,7 +709,7 @@ const _: fn() = || {
     send_sync::<Store>();
 };
 
-fn unexpected() -> StoreError {
+pub(crate) fn unexpected() -> StoreError {
     StoreError::Backend("internal error: unexpected answer from the writer".into())
 }
 

@@ -1,6 +1,6 @@
 //! The data types of the store's API.
 
-use fhir_core::{Resource, ResourceId, ResourceType, TenantId, VersionId};
+use fhir_core::{Json, Resource, ResourceId, ResourceType, TenantId, VersionId};
 
 use crate::condition::Condition;
 
@@ -244,6 +244,65 @@ pub enum WriteOp {
         /// The search criteria.
         cond: Condition,
     },
+    /// See [`Store::patch`](crate::Store::patch): a JSON Patch applied to the current version
+    /// inside the writer, so concurrent patches of one resource serialize.
+    Patch {
+        /// The resource type.
+        ty: ResourceType,
+        /// The resource's id.
+        id: ResourceId,
+        /// The JSON Patch document (an array of operations).
+        patch: Json,
+        /// `If-Match`.
+        if_match: Option<VersionId>,
+    },
+    /// An update (`PUT`) with `If-None-Match`: written only if the precondition holds, e.g.
+    /// `*` = only if the resource does not exist (or is deleted). A failed precondition is
+    /// [`StoreError::IfNoneMatch`](crate::StoreError::IfNoneMatch).
+    UpdateIfNoneMatch {
+        /// The resource's id.
+        id: ResourceId,
+        /// The new content.
+        resource: Resource,
+        /// The precondition.
+        if_none_match: IfNoneMatch,
+    },
+}
+
+/// An `If-None-Match` precondition of a write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IfNoneMatch {
+    /// `*`: only if the resource does not exist (a deleted resource does not exist).
+    Any,
+    /// `W/"n"`: only if the current version is not `n`.
+    Version(VersionId),
+}
+
+/// One entry of a FHIR transaction
+/// ([`Store::transaction_entries`](crate::Store::transaction_entries)) or batch
+/// ([`Store::batch_entries`](crate::Store::batch_entries)).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TxEntry {
+    /// `Bundle.entry.fullUrl`: a placeholder (`urn:uuid:…`, `urn:oid:…`) or absolute URL that
+    /// other entries may reference; such references are rewritten to the entry's `Type/id`.
+    pub full_url: Option<String>,
+    /// What to do.
+    pub op: WriteOp,
+}
+
+impl TxEntry {
+    /// An entry without a `fullUrl`.
+    pub fn new(op: WriteOp) -> TxEntry {
+        TxEntry { full_url: None, op }
+    }
+
+    /// An entry whose resource other entries may reference as `full_url`.
+    pub fn with_full_url(full_url: impl Into<String>, op: WriteOp) -> TxEntry {
+        TxEntry {
+            full_url: Some(full_url.into()),
+            op,
+        }
+    }
 }
 
 /// The result of one [`WriteOp`].

@@ -9,6 +9,12 @@
 //!
 //! A request that fails contributes nothing (its writes stay in its own layer, which is thrown
 //! away); a failing commit fails every request of the group, and nothing of it is visible.
+//!
+//! A *batch* request is a list of units, each applied like a request of its own (its own layer,
+//! its own answer) but committed with the rest of the group. A FHIR *transaction* is one unit:
+//! see [`transaction`].
+
+mod transaction;
 
 use std::collections::{BTreeSet, HashMap};
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -16,7 +22,7 @@ use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::thread::JoinHandle;
 
-use fhir_core::{Resource, ResourceId, ResourceType, TenantId, VersionId};
+use fhir_core::{Json, Resource, ResourceId, ResourceType, TenantId, VersionId};
 
 use crate::condition::{Condition, find};
 use crate::error::StoreError;
@@ -24,7 +30,8 @@ use crate::keys::{self, ChangeRecord, IndexedIdentifier, Pointer, TenantRecord, 
 use crate::kv::{Direction, Kv, WriteBatch, prefix_end};
 use crate::time::{format_micros, now_micros};
 use crate::types::{
-    DeleteResult, Method, StoredResource, TenantInfo, WriteKind, WriteOp, WriteOutcome, WriteResult,
+    DeleteResult, IfNoneMatch, Method, StoredResource, TenantInfo, TxEntry, WriteKind, WriteOp,
+    WriteOutcome, WriteResult,
 };
 use crate::view::{Overlay, Source, View};
 
@@ -49,10 +56,21 @@ pub(crate) enum Job {
     Purge {
         id: TenantId,
     },
-    /// Apply the operations all-or-nothing.
+    /// Apply the operations all-or-nothing, in the order given.
     Write {
         tenant: TenantId,
         ops: Vec<WriteOp>,
+    },
+    /// A FHIR transaction: all-or-nothing, in the order of the spec, with placeholder and
+    /// conditional references resolved (see [`transaction`]).
+    Transaction {
+        tenant: TenantId,
+        entries: Vec<TxEntry>,
+    },
+    /// Each entry on its own (as a one-entry transaction), all in this group's commit.
+    Batch {
+        tenant: TenantId,
+        entries: Vec<TxEntry>,
     },
 }
 
@@ -60,6 +78,7 @@ pub(crate) enum Answer {
     Tenant(TenantInfo),
     Flag(bool),
     Outcomes(Vec<WriteOutcome>),
+    Batch(Vec<Result<WriteOutcome, StoreError>>),
 }
 
 pub(crate) struct Request {
@@ -123,35 +142,10 @@ impl Writer {
         let mut answers = Vec::with_capacity(requests.len());
         let mut replies = Vec::with_capacity(requests.len());
         for Request { job, reply } in requests {
-            let mut ctx = Ctx {
-                view: View::new(self.kv.as_ref(), &overlay),
-                tenants: &self.tenants,
-                new_state: None,
-                evict: None,
+            let result = match job {
+                Job::Batch { tenant, entries } => self.batch(&mut overlay, tenant, entries),
+                job => self.unit(&mut overlay, job),
             };
-            // Bad input must never take the writer down; a bug turns into an error for the one
-            // request that hit it.
-            let result = catch_unwind(AssertUnwindSafe(|| ctx.apply(job))).unwrap_or_else(|p| {
-                let msg = panic_message(p.as_ref());
-                tracing::error!(panic = %msg, "fhir-store writer: a request panicked");
-                Err(StoreError::Backend(format!("internal error: {msg}")))
-            });
-            if result.is_ok() {
-                let Ctx {
-                    view,
-                    new_state,
-                    evict,
-                    ..
-                } = ctx;
-                let local = view.into_local();
-                overlay.extend(local);
-                if let Some(t) = evict {
-                    self.tenants.remove(&t);
-                }
-                if let Some((t, s)) = new_state {
-                    self.tenants.insert(t, s);
-                }
-            }
             answers.push(result);
             replies.push(reply);
         }
@@ -186,6 +180,65 @@ impl Writer {
             let _ = reply.send(answer);
         }
     }
+
+    /// Applies one unit of work in its own layer over `overlay`; merges the layer into it only
+    /// if the unit succeeds, so that a failed unit leaves no trace.
+    fn unit(&mut self, overlay: &mut Overlay, job: Job) -> Result<Answer, StoreError> {
+        let mut ctx = Ctx {
+            view: View::new(self.kv.as_ref(), overlay),
+            tenants: &self.tenants,
+            new_state: None,
+            evict: None,
+        };
+        // Bad input must never take the writer down; a bug turns into an error for the one
+        // unit that hit it.
+        let result = catch_unwind(AssertUnwindSafe(|| ctx.apply(job))).unwrap_or_else(|p| {
+            let msg = panic_message(p.as_ref());
+            tracing::error!(panic = %msg, "fhir-store writer: a request panicked");
+            Err(StoreError::Backend(format!("internal error: {msg}")))
+        });
+        if result.is_ok() {
+            let Ctx {
+                view,
+                new_state,
+                evict,
+                ..
+            } = ctx;
+            let local = view.into_local();
+            overlay.extend(local);
+            if let Some(t) = evict {
+                self.tenants.remove(&t);
+            }
+            if let Some((t, s)) = new_state {
+                self.tenants.insert(t, s);
+            }
+        }
+        result
+    }
+
+    /// Each entry as its own unit (a one-entry transaction), answered one by one.
+    fn batch(
+        &mut self,
+        overlay: &mut Overlay,
+        tenant: TenantId,
+        entries: Vec<TxEntry>,
+    ) -> Result<Answer, StoreError> {
+        View::new(self.kv.as_ref(), overlay).require_tenant(&tenant)?;
+        let mut results = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let job = Job::Transaction {
+                tenant: tenant.clone(),
+                entries: vec![entry],
+            };
+            results.push(match self.unit(overlay, job) {
+                Ok(Answer::Outcomes(mut o)) => o.pop().ok_or_else(crate::unexpected),
+                Ok(_) => Err(crate::unexpected()),
+                Err(StoreError::TransactionFailed { source, .. }) => Err(*source),
+                Err(e) => Err(e),
+            });
+        }
+        Ok(Answer::Batch(results))
+    }
 }
 
 /// One request's work: its view and the tenant-state changes to keep if it succeeds.
@@ -203,6 +256,11 @@ impl Ctx<'_> {
             Job::MarkRemoving { id } => self.mark_removing(id).map(Answer::Flag),
             Job::Purge { id } => self.purge(id).map(Answer::Flag),
             Job::Write { tenant, ops } => self.write(tenant, ops).map(Answer::Outcomes),
+            Job::Transaction { tenant, entries } => {
+                self.fhir_transaction(tenant, entries).map(Answer::Outcomes)
+            }
+            // Split into units by `Writer::process`; never applied as one.
+            Job::Batch { .. } => Err(crate::unexpected()),
         }
     }
 
@@ -282,6 +340,28 @@ impl Ctx<'_> {
     }
 
     fn write(&mut self, t: TenantId, ops: Vec<WriteOp>) -> Result<Vec<WriteOutcome>, StoreError> {
+        self.with_tx(t, |tx| {
+            let mut outcomes = Vec::with_capacity(ops.len());
+            for op in ops {
+                outcomes.push(tx.apply(op)?);
+            }
+            Ok(outcomes)
+        })
+    }
+
+    fn fhir_transaction(
+        &mut self,
+        t: TenantId,
+        entries: Vec<TxEntry>,
+    ) -> Result<Vec<WriteOutcome>, StoreError> {
+        self.with_tx(t, |tx| tx.fhir_transaction(entries))
+    }
+
+    fn with_tx<R>(
+        &mut self,
+        t: TenantId,
+        f: impl FnOnce(&mut Tx<'_, '_>) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
         self.view.require_tenant(&t)?;
         let st = self.tenant_state(&t)?;
         // One instant for the whole request (a transaction's entries share it), never before
@@ -293,13 +373,10 @@ impl Ctx<'_> {
             st,
             now,
         };
-        let mut outcomes = Vec::with_capacity(ops.len());
-        for op in ops {
-            outcomes.push(tx.apply(op)?);
-        }
+        let r = f(&mut tx)?;
         let st = tx.st;
         self.new_state = Some((t, st));
-        Ok(outcomes)
+        Ok(r)
     }
 }
 
@@ -360,6 +437,84 @@ impl Tx<'_, '_> {
             WriteOp::ConditionalDelete { ty, cond } => {
                 WriteOutcome::Delete(self.conditional_delete(ty, &cond)?)
             }
+            WriteOp::Patch {
+                ty,
+                id,
+                patch,
+                if_match,
+            } => WriteOutcome::Write(self.patch(ty, &id, &patch, if_match)?),
+            WriteOp::UpdateIfNoneMatch {
+                id,
+                resource,
+                if_none_match,
+            } => WriteOutcome::Write(self.update_if_none_match(&id, resource, if_none_match)?),
+        })
+    }
+
+    /// Applies a JSON Patch to the current version and writes the result as the next one.
+    fn patch(
+        &mut self,
+        ty: ResourceType,
+        id: &ResourceId,
+        patch: &Json,
+        if_match: Option<VersionId>,
+    ) -> Result<WriteResult, StoreError> {
+        let prev = match self.view.pointer(self.t, ty, id)? {
+            Some(p) if !p.deleted => p,
+            other => {
+                return Err(StoreError::NotFound {
+                    resource_type: ty,
+                    id: id.clone(),
+                    deleted: other.is_some(),
+                });
+            }
+        };
+        check_if_match(if_match, Some(&prev))?;
+        let current = self.current(ty, id)?;
+        let tree = fhir_core::json::parse(&current.json)
+            .map_err(|e| StoreError::Corrupt(format!("{ty}/{id}: {e}")))?;
+        let resource =
+            fhir_core::patch::patch_resource(&tree, patch).map_err(StoreError::InvalidPatch)?;
+        let (seq, stored) = self.write_version(ty, id, Some(prev), Some(resource))?;
+        Ok(WriteResult {
+            kind: WriteKind::Updated,
+            resource: stored.ok_or_else(|| StoreError::Corrupt("no stored resource".into()))?,
+            seq: Some(seq),
+        })
+    }
+
+    fn update_if_none_match(
+        &mut self,
+        id: &ResourceId,
+        resource: Resource,
+        if_none_match: IfNoneMatch,
+    ) -> Result<WriteResult, StoreError> {
+        let ty = resource.resource_type();
+        if let Some(p) = self.view.pointer(self.t, ty, id)?
+            && !p.deleted
+            && match if_none_match {
+                IfNoneMatch::Any => true,
+                IfNoneMatch::Version(v) => v == p.version,
+            }
+        {
+            return Err(StoreError::IfNoneMatch { current: p.version });
+        }
+        self.update(id, resource, None)
+    }
+
+    /// Creates `ty/id`, an id chosen by the caller that nothing uses yet.
+    fn create_with_id(
+        &mut self,
+        id: &ResourceId,
+        resource: Resource,
+    ) -> Result<WriteResult, StoreError> {
+        let ty = resource.resource_type();
+        let prev = self.view.pointer(self.t, ty, id)?;
+        let (seq, stored) = self.write_version(ty, id, prev, Some(resource))?;
+        Ok(WriteResult {
+            kind: WriteKind::Created,
+            resource: stored.ok_or_else(|| StoreError::Corrupt("no stored resource".into()))?,
+            seq: Some(seq),
         })
     }
 
