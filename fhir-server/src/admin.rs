@@ -105,6 +105,13 @@ pub async fn remove_tenant(State(state): State<AppState>, Path(id): Path<String>
         let store = state.store.clone();
         let tid = id.clone();
         if run(move || store.remove_tenant(&tid)).await? {
+            // Its search index goes with it: a tenant created again under this id starts a
+            // new change log at 1, which the old index must never be mistaken for.
+            let search = state.search.clone();
+            let tid = id.clone();
+            tokio::task::spawn_blocking(move || search.remove_tenant(&tid))
+                .await
+                .map_err(|e| ApiError::Internal(e.to_string()))??;
             tracing::info!(tenant = %id, "tenant removed");
             Ok(StatusCode::NO_CONTENT.into_response())
         } else {

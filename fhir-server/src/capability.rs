@@ -1,5 +1,6 @@
 //! The CapabilityStatement: what this server really does, per tenant base.
 
+use fhir_core::search_param::{SearchParamRegistry, SearchParamType};
 use fhir_core::{Json, Map, ResourceType};
 
 fn obj(members: Vec<(&str, Json)>) -> Json {
@@ -19,33 +20,83 @@ fn codes(items: &[&str], key: &str) -> Json {
     )
 }
 
+/// The R4 search parameters of `t` (`Resource` ones included), as
+/// `CapabilityStatement.rest.resource.searchParam`. Tenants' custom SearchParameters are not
+/// listed here.
+fn search_params(t: ResourceType) -> Json {
+    let reg = SearchParamRegistry::r4();
+    Json::Array(
+        reg.params_for(t)
+            .filter(|p| {
+                p.kind != SearchParamType::Special && (p.expression.is_some() || p.code == "_text")
+            })
+            .map(|p| {
+                obj(vec![
+                    ("name", Json::str(p.code.clone())),
+                    ("definition", Json::str(p.url.clone())),
+                    ("type", Json::str(p.kind.as_str())),
+                ])
+            })
+            .collect(),
+    )
+}
+
+/// `_include` values for `t`: `*` and each reference parameter.
+fn search_includes(t: ResourceType) -> Json {
+    let reg = SearchParamRegistry::r4();
+    let mut out = vec![Json::str("*")];
+    out.extend(
+        reg.params_for(t)
+            .filter(|p| p.kind == SearchParamType::Reference)
+            .map(|p| Json::str(format!("{t}:{}", p.code))),
+    );
+    Json::Array(out)
+}
+
+/// The parameters of a system-level search (those every resource has, and `_type`).
+fn system_search_params() -> Json {
+    let mut params: Vec<Json> = [
+        "_id",
+        "_lastUpdated",
+        "_tag",
+        "_profile",
+        "_security",
+        "_source",
+    ]
+    .iter()
+    .filter_map(|code| {
+        let p = SearchParamRegistry::r4().get(ResourceType::parse("Patient")?, code)?;
+        Some(obj(vec![
+            ("name", Json::str(*code)),
+            ("definition", Json::str(p.url.clone())),
+            ("type", Json::str(p.kind.as_str())),
+        ]))
+    })
+    .collect();
+    params.push(obj(vec![
+        ("name", Json::str("_type")),
+        ("type", Json::str("token")),
+        (
+            "documentation",
+            Json::str("The resource types searched, comma-separated"),
+        ),
+    ]));
+    Json::Array(params)
+}
+
 /// The CapabilityStatement for the FHIR base `base`.
 pub fn capability_statement(base: &str) -> Json {
     let interactions = [
         "read",
         "vread",
         "update",
+        "patch",
         "delete",
         "history-instance",
         "history-type",
         "create",
         "search-type",
     ];
-    let search_params = Json::Array(vec![
-        obj(vec![
-            ("name", Json::str("_id")),
-            ("type", Json::str("token")),
-            ("documentation", Json::str("Logical id of the resource")),
-        ]),
-        obj(vec![
-            ("name", Json::str("identifier")),
-            ("type", Json::str("token")),
-            (
-                "documentation",
-                Json::str("Business identifier: system|value, value or |value"),
-            ),
-        ]),
-    ]);
     let resources: Vec<Json> = ResourceType::all()
         .map(|t| {
             obj(vec![
@@ -58,7 +109,8 @@ pub fn capability_statement(base: &str) -> Json {
                 ("conditionalRead", Json::str("full-support")),
                 ("conditionalUpdate", Json::Bool(true)),
                 ("conditionalDelete", Json::str("single")),
-                ("searchParam", search_params.clone()),
+                ("searchInclude", search_includes(t)),
+                ("searchParam", search_params(t)),
             ])
         })
         .collect();
@@ -71,7 +123,14 @@ pub fn capability_statement(base: &str) -> Json {
             ),
         ),
         ("resource", Json::Array(resources)),
-        ("interaction", codes(&["history-system"], "code")),
+        (
+            "interaction",
+            codes(
+                &["transaction", "batch", "history-system", "search-system"],
+                "code",
+            ),
+        ),
+        ("searchParam", system_search_params()),
     ]);
     obj(vec![
         ("resourceType", Json::str("CapabilityStatement")),

@@ -5,6 +5,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use fhir_core::{FhirError, InvalidId, Issue, IssueType, OperationOutcome};
 use fhir_store::StoreError;
+use fhir_store::bundle::BundleError;
 
 use crate::format::Format;
 
@@ -47,6 +48,14 @@ pub enum ApiError {
     /// The method is not allowed on this URL.
     #[error("{0}")]
     MethodNotAllowed(String),
+    /// A status and issues decided elsewhere (a refused Bundle, a failed patch, …).
+    #[error("{}", .issues.first().map(|i| i.diagnostics.as_str()).unwrap_or("request failed"))]
+    Outcome {
+        /// The HTTP status.
+        status: StatusCode,
+        /// What went wrong.
+        issues: Vec<Issue>,
+    },
     /// Something went wrong on our side.
     #[error("internal error: {0}")]
     Internal(String),
@@ -104,6 +113,7 @@ impl ApiError {
                 StatusCode::METHOD_NOT_ALLOWED,
                 one(IssueType::NotSupported, self.to_string()),
             ),
+            ApiError::Outcome { status, issues } => (*status, issues.clone()),
             ApiError::Internal(_) => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 // The detail goes to the log, not to the client.
@@ -155,6 +165,36 @@ impl From<StoreError> for ApiError {
                 ApiError::bad_request(IssueType::NotSupported, msg)
             }
             StoreError::IdMismatch(msg) => ApiError::bad_request(IssueType::Invalid, msg),
+            StoreError::NotFound {
+                resource_type,
+                id,
+                deleted,
+            } => {
+                let what = format!("{resource_type}/{id}");
+                if deleted {
+                    ApiError::Gone(what)
+                } else {
+                    ApiError::NotFound(what)
+                }
+            }
+            e @ (StoreError::InvalidPatch(_)
+            | StoreError::IfNoneMatch { .. }
+            | StoreError::UnresolvedReference { .. }
+            | StoreError::InvalidTransaction(_)
+            | StoreError::TransactionFailed { .. }) => {
+                let mut issues = vec![Issue::error(e.issue_type(), e.to_string())];
+                if let StoreError::InvalidPatch(fhir_core::patch::PatchError::InvalidResult(
+                    details,
+                )) = &e
+                {
+                    issues.extend(details.iter().cloned());
+                }
+                ApiError::Outcome {
+                    status: StatusCode::from_u16(e.http_status())
+                        .unwrap_or(StatusCode::BAD_REQUEST),
+                    issues,
+                }
+            }
             other => ApiError::Internal(other.to_string()),
         }
     }
@@ -163,5 +203,40 @@ impl From<StoreError> for ApiError {
 impl From<InvalidId> for ApiError {
     fn from(e: InvalidId) -> ApiError {
         ApiError::bad_request(IssueType::Value, e.to_string())
+    }
+}
+
+impl From<BundleError> for ApiError {
+    fn from(e: BundleError) -> ApiError {
+        match StatusCode::from_u16(e.status) {
+            Ok(s) if s.is_server_error() => ApiError::Internal(e.to_string()),
+            Ok(status) => ApiError::Outcome {
+                status,
+                issues: e.issues,
+            },
+            Err(_) => ApiError::Internal(format!("bundle status {}", e.status)),
+        }
+    }
+}
+
+impl From<fhir_search::SearchError> for ApiError {
+    fn from(e: fhir_search::SearchError) -> ApiError {
+        use fhir_search::SearchError as S;
+        let status = match &e {
+            S::Store(_) | S::Index(_) => None,
+            S::PageExpired(_) => Some(StatusCode::GONE),
+            S::MultipleMatches { .. } => Some(StatusCode::PRECONDITION_FAILED),
+            // The index could not catch up in time: worth retrying, not the client's fault.
+            S::IndexBehind { .. } => Some(StatusCode::SERVICE_UNAVAILABLE),
+            _ => Some(StatusCode::BAD_REQUEST),
+        };
+        match (status, e) {
+            (Some(status), e) => ApiError::Outcome {
+                status,
+                issues: e.issues(),
+            },
+            (None, S::Store(s)) => ApiError::from(s),
+            (None, other) => ApiError::Internal(other.to_string()),
+        }
     }
 }

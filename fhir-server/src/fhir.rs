@@ -1,5 +1,6 @@
-//! The FHIR REST interactions on `/fhir/{tenant}`: create, read, vread, update, delete (plain
-//! and conditional), history at three levels, and capabilities.
+//! The FHIR REST interactions on `/fhir/{tenant}`: create, read, vread, update, patch, delete
+//! (plain and conditional), batch and transaction Bundles, history at three levels, and
+//! capabilities.
 
 use axum::Router;
 use axum::body::Body;
@@ -7,28 +8,32 @@ use axum::extract::{FromRequestParts, RawPathParams, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use fhir_core::{
     Issue, IssueType, OperationOutcome, ResourceId, ResourceType, TenantId, VersionId,
 };
 use fhir_store::{
-    Condition, DeleteResult, HistoryEntry, HistoryPage, HistoryQuery, HistoryScope, Method,
-    ReadResult, StoreError, StoredResource, WriteKind, WriteResult,
+    DeleteResult, HistoryEntry, HistoryPage, HistoryQuery, HistoryScope, Method, ReadResult,
+    StoreError, StoredResource, WriteKind, WriteResult,
 };
 
 use crate::AppState;
-use crate::bundle::{BundleBuilder, Entry, EntryResponse};
+use crate::bundle::{BundleBuilder, BundleResponse, Entry, EntryResponse};
 use crate::error::ApiError;
-use crate::format::{Negotiated, negotiate, parse_resource, read_body, render_stored, render_tree};
+use crate::format::{
+    Format, Negotiated, body_format, negotiate, parse_resource, read_body, render_stored,
+    render_tree,
+};
 
 /// The FHIR routes of every tenant.
 pub fn routes() -> Router<AppState> {
     Router::new()
+        .route("/fhir/{tenant}", post(batch_or_transaction))
         .route("/fhir/{tenant}/metadata", get(capabilities))
         .route("/fhir/{tenant}/_history", get(history))
         .route(
             "/fhir/{tenant}/{type}",
-            get(search)
+            get(crate::search::search_type)
                 .post(create)
                 .put(conditional_update)
                 .delete(conditional_delete),
@@ -36,7 +41,7 @@ pub fn routes() -> Router<AppState> {
         .route("/fhir/{tenant}/{type}/_history", get(history))
         .route(
             "/fhir/{tenant}/{type}/{id}",
-            get(read).put(update).delete(delete),
+            get(read).put(update).patch(patch).delete(delete),
         )
         .route("/fhir/{tenant}/{type}/{id}/_history", get(history))
         .route("/fhir/{tenant}/{type}/{id}/_history/{vid}", get(vread))
@@ -312,16 +317,17 @@ async fn create(State(state): State<AppState>, ctx: Fhir, body: Body) -> Respons
     let r = async {
         let rt = ctx.resource_type()?;
         let resource = body_resource(&ctx, &state, body, rt).await?;
-        let cond = match ctx.header(header::HeaderName::from_static("if-none-exist")) {
+        let result = match ctx.header(header::HeaderName::from_static("if-none-exist")) {
             Some(q) => {
                 let q = q.split_once('?').map_or(q, |(_, q)| q);
-                Some(Condition::parse(q)?)
+                crate::search::conditional_create(&state, &ctx.tenant, resource, q).await?
             }
-            None => None,
+            None => {
+                let store = state.store.clone();
+                let tenant = ctx.tenant.clone();
+                blocking(move || store.create(&tenant, resource, None)).await?
+            }
         };
-        let store = state.store.clone();
-        let tenant = ctx.tenant.clone();
-        let result = blocking(move || store.create(&tenant, resource, cond.as_ref())).await?;
         Ok(write_response(&ctx, &result))
     }
     .await;
@@ -450,7 +456,75 @@ async fn update(State(state): State<AppState>, ctx: Fhir, body: Body) -> Respons
     ctx.respond(r)
 }
 
-fn require_criteria(ctx: &Fhir, what: &str) -> Result<Condition, ApiError> {
+/// `PATCH Type/id` with a JSON Patch (`application/json-patch+json`), honouring `If-Match`.
+async fn patch(State(state): State<AppState>, ctx: Fhir, body: Body) -> Response {
+    let r = async {
+        let rt = ctx.resource_type()?;
+        let id = ctx.resource_id()?;
+        let ct = ctx.header(header::CONTENT_TYPE).unwrap_or_default();
+        let essence = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        if essence != "application/json-patch+json" {
+            let hint = if Format::from_mime(ct).is_some() {
+                " (FHIRPath Patch is not supported)"
+            } else {
+                ""
+            };
+            return Err(ApiError::UnsupportedMediaType(format!(
+                "PATCH takes a JSON Patch with Content-Type application/json-patch+json, not '{ct}'{hint}"
+            )));
+        }
+        let bytes = read_body(body, &ctx.headers, state.config.max_body_bytes).await?;
+        let patch = fhir_core::json::parse(&bytes).map_err(fhir_core::FhirError::from)?;
+        let if_match = ctx.if_match()?;
+        let store = state.store.clone();
+        let tenant = ctx.tenant.clone();
+        let result = blocking(move || store.patch(&tenant, rt, &id, patch, if_match)).await?;
+        Ok(write_response(&ctx, &result))
+    }
+    .await;
+    ctx.respond(r)
+}
+
+/// `POST /fhir/{tenant}` with a `batch` or `transaction` Bundle (JSON or XML). The work — parse,
+/// validate in parallel, one commit — is [`fhir_store::bundle::process`], on the blocking pool.
+async fn batch_or_transaction(State(state): State<AppState>, ctx: Fhir, body: Body) -> Response {
+    let r = async {
+        let format = body_format(&ctx.headers)?;
+        let bytes = read_body(body, &ctx.headers, state.config.max_bundle_bytes).await?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Err(ApiError::bad_request(
+                IssueType::Required,
+                "the request body is empty; a batch or transaction Bundle is required",
+            ));
+        }
+        let opts = fhir_store::bundle::BundleOptions {
+            max_entries: state.config.max_bundle_entries,
+            base_url: ctx.base.clone(),
+            return_representation: ctx.prefer_return() != PreferReturn::Minimal,
+        };
+        let store = state.store.clone();
+        let tenant = ctx.tenant.clone();
+        let response = tokio::task::spawn_blocking(move || {
+            // Parsing a large Bundle is CPU work too: keep it off the async workers.
+            let tree = match format {
+                Format::Json => {
+                    fhir_core::json::parse(&bytes).map_err(fhir_core::FhirError::from)?
+                }
+                Format::Xml => fhir_core::xml::from_xml(&bytes)?,
+            };
+            fhir_store::bundle::process(&store, &tenant, tree, &opts).map_err(ApiError::from)
+        })
+        .await
+        .map_err(|e| ApiError::Internal(format!("bundle task failed: {e}")))??;
+        Ok(response.into_fhir_response(ctx.neg))
+    }
+    .await;
+    ctx.respond(r)
+}
+
+/// The search criteria of a conditional update or delete (any search parameters; see
+/// [`crate::search::conditional_update`]).
+fn require_criteria(ctx: &Fhir, what: &str) -> Result<String, ApiError> {
     let q = ctx.criteria();
     if q.is_empty() {
         return Err(ApiError::bad_request(
@@ -460,19 +534,17 @@ fn require_criteria(ctx: &Fhir, what: &str) -> Result<Condition, ApiError> {
             ),
         ));
     }
-    Ok(Condition::parse(&q)?)
+    Ok(q)
 }
 
 async fn conditional_update(State(state): State<AppState>, ctx: Fhir, body: Body) -> Response {
     let r = async {
         let rt = ctx.resource_type()?;
-        let cond = require_criteria(&ctx, "update")?;
+        let criteria = require_criteria(&ctx, "update")?;
         let resource = body_resource(&ctx, &state, body, rt).await?;
         let if_match = ctx.if_match()?;
-        let store = state.store.clone();
-        let tenant = ctx.tenant.clone();
         let result =
-            blocking(move || store.conditional_update(&tenant, rt, &cond, resource, if_match))
+            crate::search::conditional_update(&state, &ctx.tenant, &criteria, resource, if_match)
                 .await?;
         Ok(write_response(&ctx, &result))
     }
@@ -497,55 +569,9 @@ async fn delete(State(state): State<AppState>, ctx: Fhir) -> Response {
 async fn conditional_delete(State(state): State<AppState>, ctx: Fhir) -> Response {
     let r = async {
         let rt = ctx.resource_type()?;
-        let cond = require_criteria(&ctx, "delete")?;
-        let store = state.store.clone();
-        let tenant = ctx.tenant.clone();
-        let result = blocking(move || store.conditional_delete(&tenant, rt, &cond)).await?;
+        let criteria = require_criteria(&ctx, "delete")?;
+        let result = crate::search::conditional_delete(&state, &ctx.tenant, rt, &criteria).await?;
         Ok(delete_response(&ctx, &result))
-    }
-    .await;
-    ctx.respond(r)
-}
-
-/// Type-level search. Until the search index arrives this answers the criteria the store can
-/// evaluate itself (`_id`, `identifier`) and says so for anything else.
-async fn search(State(state): State<AppState>, ctx: Fhir) -> Response {
-    let r = async {
-        let rt = ctx.resource_type()?;
-        let criteria = ctx.criteria();
-        if criteria.is_empty() {
-            return Err(ApiError::bad_request(
-                IssueType::NotSupported,
-                "search without criteria is not supported yet; use _id or identifier",
-            ));
-        }
-        let cond = Condition::parse(&criteria)?;
-        let store = state.store.clone();
-        let tenant = ctx.tenant.clone();
-        let found = blocking(move || {
-            let ids = store.find(&tenant, rt, &cond)?;
-            let mut out = Vec::with_capacity(ids.len());
-            for id in ids {
-                if let ReadResult::Found(r) = store.read(&tenant, rt, &id)? {
-                    out.push(r);
-                }
-            }
-            Ok(out)
-        })
-        .await?;
-        let mut b = BundleBuilder::new("searchset");
-        b.total = Some(found.len() as u64);
-        b.links
-            .push(("self", format!("{}/{rt}?{criteria}", ctx.base)));
-        for r in found {
-            b.entries.push(Entry {
-                full_url: Some(format!("{}/{}/{}", ctx.base, r.resource_type, r.id)),
-                resource: Some(r.json),
-                search_mode: Some("match"),
-                ..Entry::default()
-            });
-        }
-        Ok(b.into_response(ctx.neg))
     }
     .await;
     ctx.respond(r)
@@ -568,6 +594,7 @@ fn history_entry(base: &str, e: HistoryEntry) -> Entry {
             etag: Some(e.version.etag()),
             last_modified: Some(e.last_updated),
             location: None,
+            outcome: None,
         }),
     }
 }
@@ -672,7 +699,7 @@ async fn history(State(state): State<AppState>, ctx: Fhir) -> Response {
             .into_iter()
             .map(|e| history_entry(&ctx.base, e))
             .collect();
-        Ok(b.into_response(ctx.neg))
+        Ok(b.into_fhir_response(ctx.neg))
     }
     .await;
     ctx.respond(r)

@@ -4,7 +4,8 @@
 //! API for tenants, health endpoints, and the `fhir-server` binary.
 //!
 //! Handlers are thin: they parse the request (extractors and [`mod@format`]), call
-//! [`fhir_store::Store`] on the blocking pool, and render the result. Every failure is an
+//! [`fhir_store::Store`] (or, for searches and conditional operations,
+//! [`fhir_search::SearchIndex`]) on the blocking pool, and render the result. Every failure is an
 //! [`error::ApiError`], turned into a status and an OperationOutcome in one place.
 #![warn(missing_docs)]
 
@@ -15,6 +16,7 @@ pub mod capability;
 pub mod error;
 pub mod fhir;
 pub mod format;
+pub mod search;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -41,6 +43,11 @@ pub struct ServerConfig {
     pub max_count: usize,
     /// `_count` when the client gives none.
     pub default_count: usize,
+    /// Most entries accepted in one batch or transaction Bundle (default 10,000).
+    pub max_bundle_entries: usize,
+    /// Largest accepted batch or transaction Bundle in bytes (default 32 MiB); other bodies
+    /// are limited by `max_body_bytes`.
+    pub max_bundle_bytes: usize,
 }
 
 impl Default for ServerConfig {
@@ -50,6 +57,8 @@ impl Default for ServerConfig {
             public_base: None,
             max_count: 1000,
             default_count: 50,
+            max_bundle_entries: 10_000,
+            max_bundle_bytes: 32 * 1024 * 1024,
         }
     }
 }
@@ -59,8 +68,32 @@ impl Default for ServerConfig {
 pub struct AppState {
     /// The store: the single source of truth.
     pub store: Store,
+    /// The search index derived from the store.
+    pub search: fhir_search::SearchIndex,
     /// Settings.
     pub config: Arc<ServerConfig>,
+}
+
+impl AppState {
+    /// The state for `store`, with its search index in `index_dir` (`DATA/index`), opened with
+    /// the page sizes of `config`.
+    pub fn open(
+        store: Store,
+        config: ServerConfig,
+        index_dir: &std::path::Path,
+    ) -> Result<AppState, fhir_search::SearchError> {
+        let opts = fhir_search::IndexOptions {
+            default_count: config.default_count,
+            max_count: config.max_count,
+            ..fhir_search::IndexOptions::default()
+        };
+        let search = fhir_search::SearchIndex::open_with(index_dir, store.clone(), opts)?;
+        Ok(AppState {
+            store,
+            search,
+            config: Arc::new(config),
+        })
+    }
 }
 
 /// The current time as a FHIR instant (UTC, microseconds).
@@ -85,6 +118,7 @@ pub fn app(state: AppState) -> Router {
             delete(admin::remove_tenant).get(admin::get_tenant),
         )
         .merge(fhir)
+        .merge(search::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         // Bodies are read by our own extractor with the configured limit and a FHIR 413.

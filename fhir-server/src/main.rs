@@ -1,9 +1,8 @@
-//! The `fhir-server` binary: `serve`, and `tenant create|list|remove` on a stopped server's
-//! data folder.
+//! The `fhir-server` binary: `serve`, and `reindex` and `tenant create|list|remove` on a
+//! stopped server's data folder.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use fhir_core::TenantId;
@@ -44,9 +43,26 @@ enum Command {
         /// Largest accepted request body in bytes.
         #[arg(long, default_value_t = 8 * 1024 * 1024)]
         max_body_bytes: usize,
+        /// Most entries accepted in one batch or transaction Bundle.
+        #[arg(long, default_value_t = 10_000)]
+        max_bundle_entries: usize,
+        /// Largest accepted batch or transaction Bundle in bytes.
+        #[arg(long, default_value_t = 32 * 1024 * 1024)]
+        max_bundle_bytes: usize,
         /// Public base URL (e.g. https://fhir.example.no) for Location headers and links.
         #[arg(long, env = "FHIR_PUBLIC_BASE")]
         public_base: Option<String>,
+    },
+    /// Rebuild a tenant's search index from its store, with a progress bar (the server must not
+    /// be running on the data folder). The index is derived data: this is always safe.
+    Reindex {
+        /// The tenant whose index is rebuilt.
+        #[arg(long)]
+        tenant: String,
+        #[arg(long, env = "FHIR_DATA", default_value = "./data")]
+        data: PathBuf,
+        #[arg(long, value_enum, default_value = "redb")]
+        backend: BackendArg,
     },
     /// Manage tenants in a data folder (the server must not be running on it).
     Tenant {
@@ -149,6 +165,8 @@ fn run(cli: Cli) -> Result<(), String> {
             no_auth,
             backend,
             max_body_bytes,
+            max_bundle_entries,
+            max_bundle_bytes,
             public_base,
         } => {
             if no_auth {
@@ -169,14 +187,16 @@ fn run(cli: Cli) -> Result<(), String> {
                     .map_err(|e| e.to_string())?;
                 tracing::info!("new data folder: created tenant 'default'");
             }
-            let state = AppState {
-                store,
-                config: Arc::new(ServerConfig {
-                    max_body_bytes,
-                    public_base,
-                    ..ServerConfig::default()
-                }),
+            let config = ServerConfig {
+                max_body_bytes,
+                max_bundle_entries,
+                max_bundle_bytes,
+                public_base,
+                ..ServerConfig::default()
             };
+            // The index resumes from its last commit (in the background) or is rebuilt.
+            let state = AppState::open(store, config, &data.join("index"))
+                .map_err(|e| format!("cannot open the search index: {e}"))?;
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -193,6 +213,42 @@ fn run(cli: Cli) -> Result<(), String> {
                     .await
                     .map_err(|e| e.to_string())
             })
+        }
+        Command::Reindex {
+            tenant,
+            data,
+            backend,
+        } => {
+            let id = TenantId::new(&tenant).map_err(|e| e.to_string())?;
+            let store = open_existing_store(&data, backend)?;
+            if store.tenant(&id).map_err(|e| e.to_string())?.is_none() {
+                return Err(format!("no tenant '{id}'"));
+            }
+            let opts = fhir_search::IndexOptions {
+                background_interval: None,
+                ..fhir_search::IndexOptions::default()
+            };
+            let index = fhir_search::SearchIndex::open_with(data.join("index"), store, opts)
+                .map_err(|e| format!("cannot open the search index: {e}"))?;
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{msg} [{bar:40}] {pos}/{len} changes ({eta} left)",
+                )
+                .map_err(|e| e.to_string())?
+                .progress_chars("=> "),
+            );
+            bar.set_message(format!("reindexing {id}"));
+            index
+                .rebuild(&id, &mut |done, total| {
+                    bar.set_length(total);
+                    bar.set_position(done);
+                })
+                .map_err(|e| format!("reindexing failed: {e}"))?;
+            bar.finish();
+            let seq = index.indexed_seq(&id).map_err(|e| e.to_string())?;
+            println!("reindexed tenant {id} up to change {seq}");
+            Ok(())
         }
         Command::Tenant { command } => match command {
             TenantCommand::Create {
@@ -220,6 +276,12 @@ fn run(cli: Cli) -> Result<(), String> {
                 let id = TenantId::new(&id).map_err(|e| e.to_string())?;
                 let store = open_existing_store(&data, backend)?;
                 if store.remove_tenant(&id).map_err(|e| e.to_string())? {
+                    // Its search index goes with it (a server would also find it orphaned).
+                    let index = data.join("index").join(id.as_str());
+                    if index.exists() {
+                        std::fs::remove_dir_all(&index)
+                            .map_err(|e| format!("cannot delete {}: {e}", index.display()))?;
+                    }
                     println!("removed tenant {id}");
                     Ok(())
                 } else {

@@ -211,7 +211,11 @@ async fn unknown_routes_methods_and_formats() {
     outcome(r, StatusCode::BAD_REQUEST).await;
     let r = s.get("default", "/_history?_unknown=1").await;
     outcome(r, StatusCode::BAD_REQUEST).await;
+    // A search without criteria lists every Patient; a malformed value is the client's error.
     let r = s.get("default", "/Patient").await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(json(r).await["type"], "searchset");
+    let r = s.get("default", "/Patient?birthdate=not-a-date").await;
     outcome(r, StatusCode::BAD_REQUEST).await;
 }
 

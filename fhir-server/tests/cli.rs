@@ -28,7 +28,10 @@ async fn tenant_commands_and_serve() {
     assert!(err.contains("no data folder"), "{err}");
     assert!(!data.exists(), "and does not create it");
 
-    let (ok, out, err) = run(&["tenant", "create", "hf-vest", "--name", "Helse Vest"], &data);
+    let (ok, out, err) = run(
+        &["tenant", "create", "hf-vest", "--name", "Helse Vest"],
+        &data,
+    );
     assert!(ok, "{err}");
     assert!(out.contains("hf-vest"));
     let (ok, _, err) = run(&["tenant", "create", "hf-vest"], &data);
@@ -60,7 +63,11 @@ async fn tenant_commands_and_serve() {
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    let url = line.trim().strip_prefix("listening on ").unwrap().to_string();
+    let url = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_string();
     let client = reqwest::Client::new();
     let ok = client
         .get(format!("{url}/fhir/hf-vest/metadata"))
@@ -89,7 +96,11 @@ async fn tenant_commands_and_serve() {
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    let url = line.trim().strip_prefix("listening on ").unwrap().to_string();
+    let url = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_string();
     let r = client
         .get(format!("{url}/fhir/default/metadata"))
         .send()

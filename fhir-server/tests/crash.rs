@@ -92,7 +92,7 @@ async fn crash_and_recover(backend: &str) {
     }
     // Let writes flow, then kill without warning.
     let mut waited = 0;
-    while acked.lock().unwrap().len() < 200 && waited < 200 {
+    while acked.lock().unwrap().len() < 200 && waited < 600 {
         tokio::time::sleep(Duration::from_millis(50)).await;
         waited += 1;
     }

@@ -353,7 +353,14 @@ async fn conditional_create_update_delete() {
         StatusCode::OK,
         "value without system matches too"
     );
+    // Any search criteria work (evaluated by the search index), not only identifiers.
     let r = post_if_none_exist("name=Kari".into(), patient("22222222222"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK, "name=Kari matches the patient");
+    assert_eq!(json(r).await["id"], first["id"]);
+    let r = post_if_none_exist("birthdate=1970-13".into(), patient("22222222222"))
         .send()
         .await
         .unwrap();

@@ -1,8 +1,6 @@
 //! A real server on a loopback socket over a temporary data folder, and small HTTP helpers.
 #![allow(dead_code)]
 
-use std::sync::Arc;
-
 use fhir_core::TenantId;
 use fhir_server::{AppState, ServerConfig};
 use fhir_store::Store;
@@ -17,6 +15,7 @@ pub struct TestServer {
     pub url: String,
     pub client: Client,
     pub store: Store,
+    pub search: fhir_search::SearchIndex,
     _dir: tempfile::TempDir,
 }
 
@@ -33,10 +32,8 @@ impl TestServer {
             .unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let state = AppState {
-            store: store.clone(),
-            config: Arc::new(config),
-        };
+        let state = AppState::open(store.clone(), config, &dir.path().join("index")).unwrap();
+        let search = state.search.clone();
         tokio::spawn(async move {
             axum::serve(listener, fhir_server::app(state))
                 .await
@@ -46,6 +43,7 @@ impl TestServer {
             url: format!("http://{addr}"),
             client: Client::new(),
             store,
+            search,
             _dir: dir,
         }
     }
