@@ -23,6 +23,7 @@ pub mod patch;
 pub mod references;
 pub mod resource;
 pub mod schema;
+pub mod search_escape;
 pub mod search_param;
 #[cfg(feature = "fhirbolt")]
 pub mod typed;

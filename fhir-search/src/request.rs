@@ -11,7 +11,9 @@ use fhir_core::{Issue, IssueType, ResourceId, ResourceType};
 
 use crate::dates::Precision;
 use crate::error::SearchError;
-use crate::terms::{clean, composite_key, normalize, shorten, split_unescaped, unescape};
+use fhir_core::search_escape::{split_unescaped, unescape};
+
+use crate::terms::{clean, composite_key, normalize, shorten};
 
 /// Where a search looks.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -133,45 +133,6 @@ pub(crate) fn word_suffixes(normalized: &str) -> Vec<&str> {
     out
 }
 
-/// Splits at `sep` where it is not escaped by a backslash; escapes are kept for [`unescape`].
-pub(crate) fn split_unescaped(s: &str, sep: char) -> Vec<String> {
-    let mut parts = Vec::new();
-    let mut cur = String::new();
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\\' {
-            cur.push(c);
-            if let Some(n) = chars.next() {
-                cur.push(n);
-            }
-        } else if c == sep {
-            parts.push(std::mem::take(&mut cur));
-        } else {
-            cur.push(c);
-        }
-    }
-    parts.push(cur);
-    parts
-}
-
-/// Removes FHIR search escapes (`\,` `\|` `\$` `\\`); a lone backslash stays.
-pub(crate) fn unescape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '\\'
-            && let Some(&n) = chars.peek()
-            && matches!(n, ',' | '|' | '$' | '\\')
-        {
-            out.push(n);
-            chars.next();
-            continue;
-        }
-        out.push(c);
-    }
-    out
-}
-
 /// The key of a composite parameter's last component, given the forms of the components
 /// before it (see [`token_forms`]).
 pub(crate) fn composite_key(code: &str, forms: &[&str]) -> String {
@@ -246,8 +207,6 @@ mod tests {
             word_suffixes("systolic blood-pressure"),
             ["systolic blood-pressure", "blood-pressure", "pressure"]
         );
-        assert_eq!(split_unescaped(r"a\,b,c", ','), [r"a\,b", "c"]);
-        assert_eq!(unescape(r"a\,b\|c\\"), r"a,b|c\");
         assert_eq!(cut("æøå", 3), "æ");
         assert!(!clean("a\u{1f}b").contains(SEP));
     }

@@ -1,48 +1,14 @@
 //! Durability: SIGKILL the real server binary during a stream of writes; after a restart every
 //! acknowledged write is there and nothing half-written is.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+mod common;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::binary::start;
 use reqwest::StatusCode;
 use serde_json::Value;
-
-struct Server {
-    child: Child,
-    url: String,
-}
-
-fn start(data: &std::path::Path, backend: &str) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_fhir-server"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--no-auth",
-            "--backend",
-            backend,
-            "--data",
-        ])
-        .arg(data)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start fhir-server");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .expect("read the listening line");
-    let url = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line: {line}"))
-        .to_string();
-    Server { child, url }
-}
 
 fn observation(n: usize) -> String {
     format!(
@@ -109,7 +75,7 @@ async fn crash_and_recover(backend: &str) {
         acked.len()
     );
 
-    let mut server = start(dir.path(), backend);
+    let server = start(dir.path(), backend);
     for (id, n) in &acked {
         let r = client
             .get(format!("{}/fhir/default/Observation/{id}", server.url))
@@ -162,8 +128,6 @@ async fn crash_and_recover(backend: &str) {
         "history has {seen} entries, {} were acked",
         acked.len()
     );
-    server.child.kill().unwrap();
-    server.child.wait().unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

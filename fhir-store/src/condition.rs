@@ -7,6 +7,7 @@
 
 use std::collections::BTreeSet;
 
+use fhir_core::search_escape::{split_unescaped, unescape};
 use fhir_core::{ResourceId, ResourceType, TenantId};
 
 use crate::error::StoreError;
@@ -177,45 +178,6 @@ impl Condition {
             }),
         })
     }
-}
-
-/// Splits at `sep` where it is not escaped by a backslash (escapes are kept for later).
-fn split_unescaped(s: &str, sep: char) -> Vec<String> {
-    let mut parts = Vec::new();
-    let mut cur = String::new();
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\\' {
-            cur.push(c);
-            if let Some(n) = chars.next() {
-                cur.push(n);
-            }
-        } else if c == sep {
-            parts.push(std::mem::take(&mut cur));
-        } else {
-            cur.push(c);
-        }
-    }
-    parts.push(cur);
-    parts
-}
-
-/// Removes FHIR search escapes (`\,` `\|` `\$` `\\`); a lone backslash stays.
-fn unescape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '\\'
-            && let Some(&n) = chars.peek()
-            && matches!(n, ',' | '|' | '$' | '\\')
-        {
-            out.push(n);
-            chars.next();
-            continue;
-        }
-        out.push(c);
-    }
-    out
 }
 
 fn parse_token(raw: &str) -> Result<Token, StoreError> {

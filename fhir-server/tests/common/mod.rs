@@ -1,6 +1,8 @@
 //! A real server on a loopback socket over a temporary data folder, and small HTTP helpers.
 #![allow(dead_code)]
 
+pub mod binary;
+
 use fhir_core::TenantId;
 use fhir_server::{AppState, ServerConfig};
 use fhir_store::Store;
