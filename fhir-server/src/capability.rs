@@ -20,6 +20,19 @@ fn codes(items: &[&str], key: &str) -> Json {
     )
 }
 
+/// Whether `t` may be named in `CapabilityStatement.rest.resource.type`.
+///
+/// The definitions we ship also carry `SubscriptionStatus` (an R5 backport), which the R4
+/// ResourceType value set bound to that element does not contain; listing it would make the
+/// statement invalid. The server still stores and serves it like any other type.
+fn listable(t: ResourceType) -> bool {
+    fhir_core::Schema::get()
+        .type_def("CapabilityStatement.rest.resource")
+        .and_then(|d| d.element("type"))
+        .and_then(|e| e.codes.as_ref())
+        .is_none_or(|codes| codes.iter().any(|c| c == t.as_str()))
+}
+
 /// The R4 search parameters of `t` (`Resource` ones included), as
 /// `CapabilityStatement.rest.resource.searchParam`. Tenants' custom SearchParameters are not
 /// listed here.
@@ -84,8 +97,12 @@ fn system_search_params() -> Json {
     Json::Array(params)
 }
 
-/// The CapabilityStatement for the FHIR base `base`.
-pub fn capability_statement(base: &str) -> Json {
+/// The CapabilityStatement for the FHIR base `base`; `security` describes the authorization
+/// server when auth is on.
+pub fn capability_statement(
+    base: &str,
+    security: Option<&crate::discovery::SmartDiscovery>,
+) -> Json {
     let interactions = [
         "read",
         "vread",
@@ -98,6 +115,7 @@ pub fn capability_statement(base: &str) -> Json {
         "search-type",
     ];
     let resources: Vec<Json> = ResourceType::all()
+        .filter(|t| listable(*t))
         .map(|t| {
             obj(vec![
                 ("type", Json::str(t.as_str())),
@@ -114,14 +132,20 @@ pub fn capability_statement(base: &str) -> Json {
             ])
         })
         .collect();
-    let rest = obj(vec![
+    let mut rest = vec![
         ("mode", Json::str("server")),
         (
             "documentation",
-            Json::str(
-                "Unauthenticated: authorization arrives with SMART on FHIR / HelseID support.",
-            ),
+            Json::str(match security {
+                Some(_) => "Access needs a SMART on FHIR / HelseID access token; see security.",
+                None => "Authentication is switched off (--no-auth): local use only.",
+            }),
         ),
+    ];
+    if let Some(s) = security {
+        rest.push(("security", s.security()));
+    }
+    rest.extend([
         ("resource", Json::Array(resources)),
         (
             "interaction",
@@ -132,6 +156,7 @@ pub fn capability_statement(base: &str) -> Json {
         ),
         ("searchParam", system_search_params()),
     ]);
+    let rest = obj(rest);
     obj(vec![
         ("resourceType", Json::str("CapabilityStatement")),
         ("status", Json::str("active")),

@@ -30,6 +30,10 @@ pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/fhir/{tenant}", post(batch_or_transaction))
         .route("/fhir/{tenant}/metadata", get(capabilities))
+        .route(
+            "/fhir/{tenant}/.well-known/smart-configuration",
+            get(smart_configuration),
+        )
         .route("/fhir/{tenant}/_history", get(history))
         .route(
             "/fhir/{tenant}/{type}",
@@ -713,8 +717,34 @@ async fn capabilities(State(state): State<AppState>, ctx: Fhir) -> Response {
         if known.is_none() {
             return Err(ApiError::UnknownTenant(ctx.tenant.to_string()));
         }
-        let cs = crate::capability::capability_statement(&ctx.base);
+        let cs = crate::capability::capability_statement(&ctx.base, state.config.smart.as_ref());
         Ok(render_tree(&cs, ctx.neg.format, ctx.neg.pretty))
+    }
+    .await;
+    ctx.respond(r)
+}
+
+/// `GET /fhir/{tenant}/.well-known/smart-configuration` (public, like `metadata`): 404 when
+/// auth is off, since there is no authorization server to describe.
+async fn smart_configuration(State(state): State<AppState>, ctx: Fhir) -> Response {
+    let r = async {
+        let store = state.store.clone();
+        let tenant = ctx.tenant.clone();
+        let known = blocking(move || store.tenant(&tenant)).await?;
+        if known.is_none() {
+            return Err(ApiError::UnknownTenant(ctx.tenant.to_string()));
+        }
+        let Some(smart) = &state.config.smart else {
+            return Err(ApiError::NotFound(
+                "a SMART configuration (authentication is off)".into(),
+            ));
+        };
+        let mut resp = render_tree(&smart.to_json(), Format::Json, ctx.neg.pretty);
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        Ok(resp)
     }
     .await;
     ctx.respond(r)

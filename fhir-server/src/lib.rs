@@ -10,9 +10,12 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod audit;
 pub mod auth;
+pub mod auth_layer;
 pub mod bundle;
 pub mod capability;
+pub mod discovery;
 pub mod error;
 pub mod fhir;
 pub mod format;
@@ -48,6 +51,9 @@ pub struct ServerConfig {
     /// Largest accepted batch or transaction Bundle in bytes (default 32 MiB); other bodies
     /// are limited by `max_body_bytes`.
     pub max_bundle_bytes: usize,
+    /// The authorization server advertised by `.well-known/smart-configuration` and the
+    /// CapabilityStatement's `rest.security`; `None` (auth off): neither is advertised.
+    pub smart: Option<discovery::SmartDiscovery>,
 }
 
 impl Default for ServerConfig {
@@ -59,6 +65,7 @@ impl Default for ServerConfig {
             default_count: 50,
             max_bundle_entries: 10_000,
             max_bundle_bytes: 32 * 1024 * 1024,
+            smart: None,
         }
     }
 }
@@ -72,6 +79,10 @@ pub struct AppState {
     pub search: fhir_search::SearchIndex,
     /// Settings.
     pub config: Arc<ServerConfig>,
+    /// Token validation; [`auth::AuthConfig::off`] unless [`AppState::with_auth`] set one.
+    pub auth: auth::Authenticator,
+    /// Owners of search page tokens (see [`auth_layer::PageOwners`]).
+    pub page_owners: Arc<auth_layer::PageOwners>,
 }
 
 impl AppState {
@@ -88,11 +99,21 @@ impl AppState {
             ..fhir_search::IndexOptions::default()
         };
         let search = fhir_search::SearchIndex::open_with(index_dir, store.clone(), opts)?;
+        let auth = auth::Authenticator::new(auth::AuthConfig::off())
+            .map_err(|e| fhir_search::SearchError::Index(e.to_string()))?;
         Ok(AppState {
             store,
             search,
             config: Arc::new(config),
+            auth,
+            page_owners: Arc::default(),
         })
+    }
+
+    /// The same state with `auth` checking every request (see [`auth_layer`]).
+    pub fn with_auth(mut self, auth: auth::Authenticator) -> AppState {
+        self.auth = auth;
+        self
     }
 }
 
@@ -106,7 +127,7 @@ pub fn now_instant() -> String {
 /// The whole HTTP application.
 pub fn app(state: AppState) -> Router {
     let fhir = fhir::routes();
-    Router::new()
+    let routes = Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route(
@@ -121,10 +142,18 @@ pub fn app(state: AppState) -> Router {
         .merge(search::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state.clone());
+    // Authorisation wraps the whole router (not each route) because it may rewrite the URI of
+    // a restricted search to a compartment search, which must then be routed anew.
+    Router::new()
+        .fallback_service(routes)
+        .layer(axum::middleware::from_fn_with_state(
+            state,
+            auth_layer::authorize,
+        ))
         // Bodies are read by our own extractor with the configured limit and a FHIR 413.
         .layer(DefaultBodyLimit::disable())
         .layer(TraceLayer::new_for_http())
-        .with_state(state)
 }
 
 async fn health() -> Response {

@@ -6,6 +6,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use fhir_core::TenantId;
+use fhir_server::auth::{AuthConfig, AuthMode, Authenticator};
+use fhir_server::discovery::SmartDiscovery;
 use fhir_server::{AppState, ServerConfig};
 use fhir_store::{Backend, Store, StoreOptions};
 
@@ -34,9 +36,14 @@ enum Command {
         /// Address to listen on.
         #[arg(long, env = "FHIR_LISTEN", default_value = "127.0.0.1:8080")]
         listen: String,
-        /// Run without authentication (the only mode until the security work lands).
-        #[arg(long)]
+        /// Run without authentication: every client has full access to every tenant. For local
+        /// use only; without it, `--auth-config` is required.
+        #[arg(long, conflicts_with = "auth_config")]
         no_auth: bool,
+        /// The auth configuration (TOML with an `[auth]` table; see README "Security").
+        /// `FHIR_AUTH_*` environment variables override it.
+        #[arg(long, env = "FHIR_AUTH_CONFIG")]
+        auth_config: Option<PathBuf>,
         /// Storage backend; a data folder keeps the backend it was created with.
         #[arg(long, value_enum, default_value = "redb")]
         backend: BackendArg,
@@ -163,20 +170,42 @@ fn run(cli: Cli) -> Result<(), String> {
             data,
             listen,
             no_auth,
+            auth_config,
             backend,
             max_body_bytes,
             max_bundle_entries,
             max_bundle_bytes,
             public_base,
         } => {
-            if no_auth {
-                tracing::warn!("--no-auth: every client has full access to every tenant");
-            } else {
-                tracing::warn!(
-                    "authentication is not implemented yet: this server is UNAUTHENTICATED; \
-                     run it only on a trusted network"
-                );
+            let mut smart = None;
+            let auth_config = match (no_auth, auth_config) {
+                (true, _) => {
+                    tracing::warn!(
+                        "--no-auth: authentication is OFF; every client has full access to \
+                         every tenant. Use this only on a trusted machine."
+                    );
+                    AuthConfig::off()
+                }
+                (false, Some(path)) => {
+                    let c = AuthConfig::from_file(&path)
+                        .and_then(AuthConfig::with_env_overrides)
+                        .map_err(|e| e.to_string())?;
+                    if c.mode == AuthMode::On {
+                        smart = Some(SmartDiscovery::from_file(&path)?.with_defaults_from(&c));
+                    }
+                    c
+                }
+                (false, None) => {
+                    return Err("authentication is on by default: give --auth-config FILE \
+                         (or FHIR_AUTH_CONFIG), or --no-auth for local use without \
+                         authentication"
+                        .into());
+                }
+            };
+            if !no_auth && auth_config.mode == AuthMode::Off {
+                tracing::warn!("the auth configuration says mode = \"off\": authentication is OFF");
             }
+            let authenticator = Authenticator::new(auth_config).map_err(|e| e.to_string())?;
             std::fs::create_dir_all(&data)
                 .map_err(|e| format!("cannot create {}: {e}", data.display()))?;
             let (store, fresh) = open_store(&data, backend)?;
@@ -192,11 +221,13 @@ fn run(cli: Cli) -> Result<(), String> {
                 max_bundle_entries,
                 max_bundle_bytes,
                 public_base,
+                smart,
                 ..ServerConfig::default()
             };
             // The index resumes from its last commit (in the background) or is rebuilt.
             let state = AppState::open(store, config, &data.join("index"))
-                .map_err(|e| format!("cannot open the search index: {e}"))?;
+                .map_err(|e| format!("cannot open the search index: {e}"))?
+                .with_auth(authenticator);
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()

@@ -110,3 +110,38 @@ async fn tenant_commands_and_serve() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+#[test]
+fn serve_refuses_to_start_without_auth_config_or_no_auth() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let out = bin()
+        .env_remove("FHIR_AUTH_CONFIG")
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--auth-config"), "{err}");
+    assert!(err.contains("--no-auth"), "{err}");
+
+    // A configuration with an issuer whose JWKS file is missing fails start-up too.
+    let cfg = dir.path().join("auth.toml");
+    std::fs::write(
+        &cfg,
+        "[auth]\nmode = \"on\"\n[[auth.issuer]]\nissuer = \"https://idp.test\"\n\
+         jwks_file = \"/nonexistent/jwks.json\"\naudiences = [\"fhir\"]\n",
+    )
+    .unwrap();
+    let out = bin()
+        .args(["serve", "--listen", "127.0.0.1:0", "--auth-config"])
+        .arg(&cfg)
+        .arg("--data")
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("jwks_file"), "{err}");
+}

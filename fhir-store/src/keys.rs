@@ -10,6 +10,8 @@
 //! D <tenant> c <seq u64 BE>                  -> change-log record
 //! D <tenant> h <type> <seq u64 BE>           -> change-log record (type history index)
 //! D <tenant> i <type> <value> <sys> <id>     -> id (identifier index; <sys> = 00 | 01 <system>)
+//! D <tenant> a <micros u64 BE> <nonce u64 BE> -> audit record (JSON bytes; append-only)
+//! D <tenant> p <patient> <micros u64 BE> <nonce u64 BE> -> empty (audit records by patient)
 //! ```
 //!
 //! Every variable-length string (`<tenant>`, `<type>`, `<id>`, `<value>`, `<system>`) is
@@ -94,6 +96,18 @@ pub(crate) fn tenant_prefix(t: &TenantId) -> Vec<u8> {
 fn sub(t: &TenantId, tag: u8) -> Vec<u8> {
     let mut k = tenant_prefix(t);
     k.push(tag);
+    k
+}
+
+/// Prefix of a tenant's audit records (`D <t> a`).
+pub(crate) fn audit_prefix(t: &TenantId) -> Vec<u8> {
+    sub(t, b'a')
+}
+
+/// Prefix of a tenant's audit records about one patient (`D <t> p <patient>`).
+pub(crate) fn audit_patient_prefix(t: &TenantId, patient: &str) -> Vec<u8> {
+    let mut k = sub(t, b'p');
+    push_str(&mut k, patient.as_bytes());
     k
 }
 

@@ -106,6 +106,19 @@ use time::{format_micros, parse_instant};
 use view::{Committed, Source};
 use writer::{Answer, Job, Request};
 
+/// One access-log record for [`Store::append_audit`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRecord {
+    /// When it happened (microseconds since the Unix epoch); orders the audit area.
+    pub micros: i64,
+    /// Random, so that records of the same microsecond do not overwrite each other.
+    pub nonce: u64,
+    /// The AuditEvent JSON.
+    pub json: Vec<u8>,
+    /// Ids of the patients whose data was accessed (indexed for `AuditEvent?patient=`).
+    pub patients: Vec<String>,
+}
+
 /// A handle to an open store. Cheap to clone; all clones share one backend and one writer
 /// thread, which stops when the last clone is dropped.
 #[derive(Clone)]
@@ -215,6 +228,62 @@ impl Store {
 
     fn submit_one(&self, t: &TenantId, op: WriteOp) -> Result<WriteOutcome, StoreError> {
         self.submit_write(t, vec![op])?.pop().ok_or_else(unexpected)
+    }
+
+    // ------------------------------------------------------------------ audit
+
+    /// Appends audit records to the tenant's audit area, durably (in the writer's next group
+    /// commit). There is no way to change or delete them except removing the tenant.
+    pub fn append_audit(&self, t: &TenantId, records: Vec<AuditRecord>) -> Result<(), StoreError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        match self.submit(Job::Audit {
+            tenant: t.clone(),
+            records,
+        })? {
+            Answer::Flag(_) => Ok(()),
+            _ => Err(unexpected()),
+        }
+    }
+
+    /// Audit records (JSON) with `from_micros <= time < to_micros`, of one patient if given,
+    /// oldest first, at most `limit`.
+    pub fn audit_records(
+        &self,
+        t: &TenantId,
+        patient: Option<&str>,
+        from_micros: i64,
+        to_micros: i64,
+        limit: usize,
+    ) -> Result<Vec<Vec<u8>>, StoreError> {
+        let src = Committed(self.kv());
+        src.require_tenant(t)?;
+        let bound = |prefix: &[u8], micros: i64| {
+            let mut k = prefix.to_vec();
+            k.extend_from_slice(&u64::try_from(micros).unwrap_or(0).to_be_bytes());
+            k
+        };
+        let prefix = match patient {
+            Some(p) => keys::audit_patient_prefix(t, p),
+            None => keys::audit_prefix(t),
+        };
+        let (start, end) = (bound(&prefix, from_micros), bound(&prefix, to_micros));
+        let pairs = src.scan(&start, Some(&end), Direction::Forward, limit)?;
+        let mut out = Vec::with_capacity(pairs.len());
+        for (k, v) in pairs {
+            match patient {
+                None => out.push(v),
+                Some(_) => {
+                    let mut key = keys::audit_prefix(t);
+                    key.extend_from_slice(&k[prefix.len()..]);
+                    if let Some(v) = src.get(&key)? {
+                        out.push(v);
+                    }
+                }
+            }
+        }
+        Ok(out)
     }
 
     // ------------------------------------------------------------------ tenants

@@ -67,6 +67,11 @@ pub(crate) enum Job {
         tenant: TenantId,
         entries: Vec<TxEntry>,
     },
+    /// Append audit records: `(key suffix after D <t> a, JSON, patients)`.
+    Audit {
+        tenant: TenantId,
+        records: Vec<crate::AuditRecord>,
+    },
     /// Each entry on its own (as a one-entry transaction), all in this group's commit.
     Batch {
         tenant: TenantId,
@@ -258,6 +263,22 @@ impl Ctx<'_> {
             Job::Write { tenant, ops } => self.write(tenant, ops).map(Answer::Outcomes),
             Job::Transaction { tenant, entries } => {
                 self.fhir_transaction(tenant, entries).map(Answer::Outcomes)
+            }
+            Job::Audit { tenant, records } => {
+                self.view.require_tenant(&tenant)?;
+                for r in records {
+                    let mut suffix = r.micros.to_be_bytes().to_vec();
+                    suffix.extend_from_slice(&r.nonce.to_be_bytes());
+                    let mut key = keys::audit_prefix(&tenant);
+                    key.extend_from_slice(&suffix);
+                    self.view.put(key, r.json);
+                    for p in &r.patients {
+                        let mut k = keys::audit_patient_prefix(&tenant, p);
+                        k.extend_from_slice(&suffix);
+                        self.view.put(k, Vec::new());
+                    }
+                }
+                Ok(Answer::Flag(true))
             }
             // Split into units by `Writer::process`; never applied as one.
             Job::Batch { .. } => Err(crate::unexpected()),

@@ -5,6 +5,7 @@ mod common;
 
 use common::*;
 use fhir_core::{Resource, ResourceId, VersionId};
+use fhir_store::AuditRecord;
 use fhir_store::{
     Backend, Condition, HistoryQuery, HistoryScope, Method, ReadResult, Store, StoreError,
     StoreOptions, WriteKind, WriteOp, WriteOutcome,
@@ -30,6 +31,7 @@ backend_tests!(
     decimals_are_preserved,
     data_survives_reopen,
     second_open_of_same_directory_fails,
+    audit_records_are_appended_and_found_by_patient_and_time,
 );
 
 fn create_read_vread_update_delete_recreate(backend: Backend) {
@@ -1010,4 +1012,52 @@ fn opening_a_sled_store_without_sled_support_fails_clearly() {
     if cfg!(not(feature = "sled")) {
         assert!(msg.contains("enable the `sled` feature"), "{msg}");
     }
+}
+
+fn audit_records_are_appended_and_found_by_patient_and_time(backend: Backend) {
+    let (_dir, store, t) = setup(backend);
+    let rec = |micros: i64, nonce: u64, patients: &[&str]| AuditRecord {
+        micros,
+        nonce,
+        json: format!("{{\"n\":{nonce}}}").into_bytes(),
+        patients: patients.iter().map(|p| p.to_string()).collect(),
+    };
+    store
+        .append_audit(&t, vec![rec(100, 1, &["p1"]), rec(100, 2, &["p2"])])
+        .unwrap();
+    store
+        .append_audit(&t, vec![rec(200, 3, &["p1", "p2"])])
+        .unwrap();
+    let all = store.audit_records(&t, None, 0, i64::MAX, 100).unwrap();
+    assert_eq!(all.len(), 3);
+    let p1 = store
+        .audit_records(&t, Some("p1"), 0, i64::MAX, 100)
+        .unwrap();
+    assert_eq!(p1, vec![b"{\"n\":1}".to_vec(), b"{\"n\":3}".to_vec()]);
+    let late = store
+        .audit_records(&t, Some("p2"), 150, i64::MAX, 100)
+        .unwrap();
+    assert_eq!(late, vec![b"{\"n\":3}".to_vec()]);
+    assert!(
+        store
+            .audit_records(&t, Some("p3"), 0, i64::MAX, 100)
+            .unwrap()
+            .is_empty()
+    );
+    // The audit area belongs to the tenant: another tenant sees nothing, an unknown one errs.
+    let other = tenant("other");
+    store.create_tenant(&other, "Other").unwrap();
+    assert!(
+        store
+            .audit_records(&other, None, 0, i64::MAX, 100)
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        store
+            .append_audit(&tenant("nope"), vec![rec(1, 1, &[])])
+            .is_err()
+    );
+    // Audit records are not resources: they do not show up in the change log.
+    assert_eq!(store.last_seq(&t).unwrap(), 0);
 }

@@ -1,0 +1,1360 @@
+//! Authentication and authorisation over HTTP: a server with auth on, tokens signed with RSA
+//! and EC keys generated here, a JWKS served by a local HTTP server.
+
+use std::sync::OnceLock;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use fhir_core::TenantId;
+use fhir_server::auth::{AuthConfig, Authenticator};
+use fhir_server::discovery::SmartDiscovery;
+use fhir_server::{AppState, ServerConfig};
+use fhir_store::Store;
+use jsonwebtoken::{Algorithm, EncodingKey};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+const ISS: &str = "https://idp.test";
+const AUD: &str = "fhir-api";
+
+// ---------------------------------------------------------------------------------------------
+// Keys and tokens (in the style of auth_unit.rs)
+
+#[derive(Clone)]
+struct Signer {
+    key: EncodingKey,
+    alg: Algorithm,
+    kid: &'static str,
+    jwk: Value,
+}
+
+struct Keys {
+    rsa: Signer,
+    ec: Signer,
+    /// Not in the JWKS.
+    stranger: Signer,
+    client: Signer,
+    other_client: Signer,
+}
+
+fn rsa_signer(kid: &'static str) -> Signer {
+    use rsa::pkcs8::{EncodePrivateKey, LineEnding};
+    use rsa::traits::PublicKeyParts;
+    let private = rsa::RsaPrivateKey::new(&mut rand::rngs::OsRng, 2048).expect("RSA key");
+    let pem = private.to_pkcs8_pem(LineEnding::LF).expect("PKCS#8 PEM");
+    Signer {
+        key: EncodingKey::from_rsa_pem(pem.as_bytes()).expect("encoding key"),
+        alg: Algorithm::RS256,
+        kid,
+        jwk: json!({
+            "kty": "RSA",
+            "kid": kid,
+            "use": "sig",
+            "n": URL_SAFE_NO_PAD.encode(private.n().to_bytes_be()),
+            "e": URL_SAFE_NO_PAD.encode(private.e().to_bytes_be()),
+        }),
+    }
+}
+
+fn ec_signer(kid: &'static str) -> Signer {
+    use p256::pkcs8::{EncodePrivateKey, LineEnding};
+    let secret = p256::SecretKey::random(&mut rand::rngs::OsRng);
+    let pem = secret.to_pkcs8_pem(LineEnding::LF).expect("PKCS#8 PEM");
+    let mut jwk: Value =
+        serde_json::from_str(&secret.public_key().to_jwk_string()).expect("JWK JSON");
+    jwk["kid"] = json!(kid);
+    Signer {
+        key: EncodingKey::from_ec_pem(pem.as_bytes()).expect("encoding key"),
+        alg: Algorithm::ES256,
+        kid,
+        jwk,
+    }
+}
+
+fn keys() -> &'static Keys {
+    static KEYS: OnceLock<Keys> = OnceLock::new();
+    KEYS.get_or_init(|| Keys {
+        rsa: rsa_signer("rsa-1"),
+        ec: ec_signer("ec-1"),
+        stranger: ec_signer("ec-1"),
+        client: ec_signer("client"),
+        other_client: ec_signer("other-client"),
+    })
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn b64json(v: &Value) -> String {
+    URL_SAFE_NO_PAD.encode(v.to_string())
+}
+
+fn sign_raw(header: &Value, claims: &Value, key: &EncodingKey, alg: Algorithm) -> String {
+    let input = format!("{}.{}", b64json(header), b64json(claims));
+    let sig = jsonwebtoken::crypto::sign(input.as_bytes(), key, alg).expect("signing");
+    format!("{input}.{sig}")
+}
+
+/// Claims for trust-a with `scope`, plus `extra` (a null value removes a claim).
+fn claims(scope: &str, extra: Value) -> Value {
+    let t = now();
+    let mut c = json!({
+        "iss": ISS,
+        "aud": AUD,
+        "sub": "user-1",
+        "client_id": "app-1",
+        "jti": format!("token-{}", rand::random::<u64>()),
+        "iat": t,
+        "exp": t + 300,
+        "scope": scope,
+        "tenant": "trust-a",
+    });
+    if let (Some(b), Value::Object(e)) = (c.as_object_mut(), extra) {
+        for (k, v) in e {
+            if v.is_null() {
+                b.remove(&k);
+            } else {
+                b.insert(k, v);
+            }
+        }
+    }
+    c
+}
+
+fn sign(s: &Signer, claims: &Value) -> String {
+    let alg = format!("{:?}", s.alg);
+    sign_raw(
+        &json!({"alg": alg, "typ": "at+jwt", "kid": s.kid}),
+        claims,
+        &s.key,
+        s.alg,
+    )
+}
+
+/// An RS256 token for trust-a with `scope`.
+fn token(scope: &str) -> String {
+    sign(&keys().rsa, &claims(scope, json!({})))
+}
+
+fn admin_token() -> String {
+    token("system/*.cruds")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Server
+
+struct Srv {
+    url: String,
+    client: reqwest::Client,
+    store: Store,
+    _dir: tempfile::TempDir,
+}
+
+async fn jwks_server(doc: String) -> String {
+    let app = axum::Router::new().route(
+        "/jwks",
+        axum::routing::get(move || {
+            let d = doc.clone();
+            async move { ([("content-type", "application/json")], d) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    format!("http://{addr}/jwks")
+}
+
+fn config_text(jwks_url: &str) -> String {
+    format!(
+        r#"
+[auth]
+mode = "on"
+realm = "test"
+
+[[auth.issuer]]
+issuer = "{ISS}"
+jwks_url = "{jwks_url}"
+audiences = ["{AUD}"]
+dpop = "optional"
+jwks_min_refresh_secs = 0
+
+[smart]
+authorization_endpoint = "https://idp.test/authorize"
+token_endpoint = "https://idp.test/token"
+"#
+    )
+}
+
+async fn start() -> Srv {
+    let k = keys();
+    let doc = json!({"keys": [k.rsa.jwk, k.ec.jwk]}).to_string();
+    let jwks_url = jwks_server(doc).await;
+    let text = config_text(&jwks_url);
+    let cfg = AuthConfig::from_toml_str(&text).expect("config");
+    let smart = SmartDiscovery::from_toml_str(&text)
+        .expect("smart")
+        .with_defaults_from(&cfg);
+    let auth = Authenticator::new(cfg).expect("authenticator");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path().join("store")).expect("store");
+    for t in ["trust-a", "trust-b"] {
+        store
+            .create_tenant(&TenantId::new(t).expect("id"), t)
+            .expect("tenant");
+    }
+    let config = ServerConfig {
+        smart: Some(smart),
+        ..ServerConfig::default()
+    };
+    let state = AppState::open(store.clone(), config, &dir.path().join("index"))
+        .expect("state")
+        .with_auth(auth);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, fhir_server::app(state)).await;
+    });
+    Srv {
+        url: format!("http://{addr}"),
+        client: reqwest::Client::new(),
+        store,
+        _dir: dir,
+    }
+}
+
+impl Srv {
+    fn fhir(&self, tenant: &str, path: &str) -> String {
+        format!("{}/fhir/{tenant}{path}", self.url)
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        url: String,
+        auth: Option<&str>,
+        body: Option<&Value>,
+    ) -> reqwest::Response {
+        let mut r = self.client.request(method, url);
+        if let Some(a) = auth {
+            r = r.header("authorization", a);
+        }
+        if let Some(b) = body {
+            r = r
+                .header("content-type", "application/fhir+json")
+                .body(b.to_string());
+        }
+        r.send().await.expect("request")
+    }
+
+    async fn req(
+        &self,
+        method: Method,
+        tenant: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&Value>,
+    ) -> reqwest::Response {
+        let auth = token.map(|t| format!("Bearer {t}"));
+        self.call(method, self.fhir(tenant, path), auth.as_deref(), body)
+            .await
+    }
+
+    /// PUT with the admin token; asserts success.
+    async fn seed(&self, tenant: &str, path: &str, body: Value) {
+        let t = sign(
+            &keys().rsa,
+            &claims("system/*.cruds", json!({"tenant": tenant})),
+        );
+        let r = self
+            .req(Method::PUT, tenant, path, Some(&t), Some(&body))
+            .await;
+        assert!(r.status().is_success(), "seed {path}: {}", r.status());
+    }
+}
+
+async fn body(r: reqwest::Response) -> Value {
+    let text = r.text().await.expect("body");
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+/// Asserts a 401 with a `WWW-Authenticate` challenge carrying `invalid_token` or no code.
+async fn assert_401(r: reqwest::Response, what: &str) {
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{what}");
+    let challenge = r
+        .headers()
+        .get_all("www-authenticate")
+        .iter()
+        .map(|v| v.to_str().unwrap_or("").to_string())
+        .collect::<Vec<_>>()
+        .join(" | ");
+    assert!(challenge.contains("realm=\"test\""), "{what}: {challenge}");
+    let b = body(r).await;
+    assert_eq!(b["resourceType"], "OperationOutcome", "{what}");
+}
+
+async fn assert_403(r: reqwest::Response, what: &str) {
+    assert_eq!(r.status(), StatusCode::FORBIDDEN, "{what}");
+    let b = body(r).await;
+    assert_eq!(b["resourceType"], "OperationOutcome", "{what}: {b}");
+    assert_eq!(b["issue"][0]["code"], "forbidden", "{what}: {b}");
+}
+
+fn obs(id: &str, patient: &str) -> Value {
+    json!({
+        "resourceType": "Observation",
+        "id": id,
+        "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+        "subject": {"reference": format!("Patient/{patient}")},
+    })
+}
+
+fn patient(id: &str) -> Value {
+    json!({"resourceType": "Patient", "id": id, "gender": "female"})
+}
+
+fn ids(bundle: &Value) -> Vec<String> {
+    let mut v: Vec<String> = bundle["entry"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|e| {
+                    format!(
+                        "{}/{}",
+                        e["resource"]["resourceType"].as_str().unwrap_or(""),
+                        e["resource"]["id"].as_str().unwrap_or("")
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+// ---------------------------------------------------------------------------------------------
+// Token validation
+
+#[tokio::test]
+async fn requests_without_a_token_get_401_with_a_challenge() {
+    let s = start().await;
+    let r = s
+        .req(Method::GET, "trust-a", "/Observation", None, None)
+        .await;
+    assert_401(r, "no token").await;
+    let r = s
+        .call(
+            Method::GET,
+            s.fhir("trust-a", "/Observation"),
+            Some("Basic dXNlcjpwdw=="),
+            None,
+        )
+        .await;
+    assert_401(r, "basic").await;
+    let r = s
+        .call(
+            Method::GET,
+            s.fhir("trust-a", "/Observation"),
+            Some("Bearer a b c"),
+            None,
+        )
+        .await;
+    assert_401(r, "garbled").await;
+    let r = s
+        .call(
+            Method::GET,
+            s.fhir("trust-a", "/Observation"),
+            Some("Bearer not-a-jwt"),
+            None,
+        )
+        .await;
+    assert_401(r, "not a JWT").await;
+}
+
+#[tokio::test]
+async fn rsa_and_ec_tokens_are_accepted() {
+    let s = start().await;
+    for signer in [&keys().rsa, &keys().ec] {
+        let t = sign(signer, &claims("user/Observation.rs", json!({})));
+        let r = s
+            .req(Method::GET, "trust-a", "/Observation", Some(&t), None)
+            .await;
+        assert_eq!(r.status(), StatusCode::OK, "{}", signer.kid);
+    }
+}
+
+#[tokio::test]
+async fn bad_tokens_get_401() {
+    let s = start().await;
+    let k = keys();
+    let t = now();
+    let scope = "user/*.cruds";
+    let mut cases: Vec<(&str, String)> = vec![
+        (
+            "expired",
+            sign(
+                &k.rsa,
+                &claims(scope, json!({"exp": t - 600, "iat": t - 900})),
+            ),
+        ),
+        (
+            "not yet valid",
+            sign(&k.rsa, &claims(scope, json!({"nbf": t + 600}))),
+        ),
+        (
+            "wrong issuer",
+            sign(&k.rsa, &claims(scope, json!({"iss": "https://evil.test"}))),
+        ),
+        (
+            "wrong audience",
+            sign(&k.rsa, &claims(scope, json!({"aud": "other-api"}))),
+        ),
+        (
+            "wrong signature",
+            sign(&k.stranger, &claims(scope, json!({}))),
+        ),
+    ];
+    let c = claims(scope, json!({}));
+    cases.push((
+        "alg none",
+        format!(
+            "{}.{}.",
+            b64json(&json!({"alg": "none", "typ": "at+jwt"})),
+            b64json(&c)
+        ),
+    ));
+    let good = sign(&k.rsa, &c);
+    let (head, rest) = good.split_once('.').expect("jws");
+    let (_, sig) = rest.split_once('.').expect("jws");
+    let tampered = with_scope_claims(scope);
+    cases.push((
+        "payload swapped",
+        format!("{head}.{}.{sig}", b64json(&tampered)),
+    ));
+    for (what, tok) in cases {
+        for (m, path) in [
+            (Method::GET, "/Observation"),
+            (Method::GET, "/Observation/x"),
+            (Method::POST, "/Observation"),
+        ] {
+            let body = obs("x", "p1");
+            let r = s
+                .req(
+                    m.clone(),
+                    "trust-a",
+                    path,
+                    Some(&tok),
+                    Some(&body).filter(|_| m == Method::POST),
+                )
+                .await;
+            assert_401(r, what).await;
+        }
+    }
+    // Nothing was written by the refused creates.
+    let tenant = TenantId::new("trust-a").expect("id");
+    let read = s
+        .store
+        .read(
+            &tenant,
+            fhir_core::ResourceType::parse("Observation").expect("type"),
+            &fhir_core::ResourceId::new("x").expect("id"),
+        )
+        .expect("read");
+    assert!(matches!(read, fhir_store::ReadResult::NotFound));
+}
+
+fn with_scope_claims(scope: &str) -> Value {
+    claims(
+        &format!("{scope} system/*.cruds"),
+        json!({"tenant": "trust-b"}),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scopes
+
+#[tokio::test]
+async fn missing_scope_gets_403_and_write_does_not_imply_read() {
+    let s = start().await;
+    s.seed("trust-a", "/Observation/o1", obs("o1", "p1")).await;
+
+    let only_patients = token("user/Patient.rs");
+    for path in [
+        "/Observation",
+        "/Observation/o1",
+        "/Observation/o1/_history",
+    ] {
+        let r = s
+            .req(Method::GET, "trust-a", path, Some(&only_patients), None)
+            .await;
+        assert_403(r, path).await;
+    }
+
+    // Create only: may create, may not read or search what it wrote.
+    let create_only = token("user/Observation.c");
+    let r = s
+        .req(
+            Method::PUT,
+            "trust-a",
+            "/Observation/o2",
+            Some(&create_only),
+            Some(&obs("o2", "p1")),
+        )
+        .await;
+    assert_403(r, "update with c").await;
+    let r = s
+        .req(
+            Method::POST,
+            "trust-a",
+            "/Observation",
+            Some(&create_only),
+            Some(&obs("new", "p1")),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    for path in ["/Observation/o1", "/Observation?code=8867-4"] {
+        let r = s
+            .req(Method::GET, "trust-a", path, Some(&create_only), None)
+            .await;
+        assert_403(r, path).await;
+    }
+
+    // Read without search: read and instance history, no search, no type history.
+    let read_only = token("user/Observation.r");
+    for (path, want) in [
+        ("/Observation/o1", StatusCode::OK),
+        ("/Observation/o1/_history", StatusCode::OK),
+        ("/Observation/o1/_history/1", StatusCode::OK),
+        ("/Observation", StatusCode::FORBIDDEN),
+        ("/Observation/_history", StatusCode::FORBIDDEN),
+        ("/_history", StatusCode::FORBIDDEN),
+    ] {
+        let r = s
+            .req(Method::GET, "trust-a", path, Some(&read_only), None)
+            .await;
+        assert_eq!(r.status(), want, "{path}");
+    }
+    let r = s
+        .req(
+            Method::DELETE,
+            "trust-a",
+            "/Observation/o1",
+            Some(&read_only),
+            None,
+        )
+        .await;
+    assert_403(r, "delete with r").await;
+}
+
+#[tokio::test]
+async fn v1_and_v2_scopes_are_both_understood() {
+    let s = start().await;
+    s.seed("trust-a", "/Observation/o1", obs("o1", "p1")).await;
+    let v1_read = token("user/Observation.read");
+    let r = s
+        .req(
+            Method::GET,
+            "trust-a",
+            "/Observation?code=8867-4",
+            Some(&v1_read),
+            None,
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = s
+        .req(
+            Method::POST,
+            "trust-a",
+            "/Observation",
+            Some(&v1_read),
+            Some(&obs("n", "p1")),
+        )
+        .await;
+    assert_403(r, "v1 read cannot create").await;
+    let v1_write = token("user/Observation.write");
+    let r = s
+        .req(
+            Method::POST,
+            "trust-a",
+            "/Observation",
+            Some(&v1_write),
+            Some(&obs("n", "p1")),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let v2 = token("user/Observation.rs");
+    let r = s
+        .req(Method::GET, "trust-a", "/Observation/o1", Some(&v2), None)
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn transaction_entries_need_their_scopes() {
+    let s = start().await;
+    let bundle = json!({
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {"resource": obs("t1", "p1"), "request": {"method": "PUT", "url": "Observation/t1"}},
+            {"resource": patient("tp"), "request": {"method": "PUT", "url": "Patient/tp"}},
+        ]
+    });
+    let obs_writer = token("user/Observation.cu");
+    let r = s
+        .req(
+            Method::POST,
+            "trust-a",
+            "",
+            Some(&obs_writer),
+            Some(&bundle),
+        )
+        .await;
+    assert_403(r, "transaction with a Patient entry").await;
+    let r = s
+        .req(
+            Method::GET,
+            "trust-a",
+            "/Observation/t1",
+            Some(&admin_token()),
+            None,
+        )
+        .await;
+    assert_eq!(
+        r.status(),
+        StatusCode::NOT_FOUND,
+        "nothing of it was written"
+    );
+
+    let both = token("user/Observation.cu user/Patient.cu");
+    let r = s
+        .req(Method::POST, "trust-a", "", Some(&both), Some(&bundle))
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tenants
+
+#[tokio::test]
+async fn a_token_for_trust_a_learns_nothing_about_trust_b() {
+    let s = start().await;
+    s.seed("trust-b", "/Observation/b1", obs("b1", "p9")).await;
+    let t = token("user/*.cruds");
+    // Every interaction on trust-b answers like an unknown tenant, existing data or not.
+    let unknown = s
+        .req(
+            Method::GET,
+            "no-such-trust",
+            "/Observation/b1",
+            Some(&t),
+            None,
+        )
+        .await;
+    assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
+    let unknown_text = body(unknown).await["issue"][0]["code"].clone();
+    for (m, path, b) in [
+        (Method::GET, "/Observation/b1", None),
+        (Method::GET, "/Observation/nope", None),
+        (Method::GET, "/Observation?code=8867-4", None),
+        (Method::GET, "/Observation/b1/_history", None),
+        (Method::GET, "/_history", None),
+        (Method::PUT, "/Observation/b1", Some(obs("b1", "p1"))),
+        (Method::POST, "/Observation", Some(obs("x", "p1"))),
+        (Method::DELETE, "/Observation/b1", None),
+    ] {
+        let r = s
+            .req(m.clone(), "trust-b", path, Some(&t), b.as_ref())
+            .await;
+        assert_eq!(r.status(), StatusCode::NOT_FOUND, "{m} {path}");
+        let b = body(r).await;
+        assert_eq!(b["issue"][0]["code"], unknown_text, "{m} {path}");
+        assert!(
+            b["issue"][0]["diagnostics"]
+                .as_str()
+                .unwrap_or("")
+                .contains("unknown tenant"),
+            "{b}"
+        );
+    }
+    // Percent-encoding the tenant does not get around the binding.
+    let r = s
+        .req(Method::GET, "trust%2Db", "/Observation/b1", Some(&t), None)
+        .await;
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    // b1 is untouched.
+    let tb = sign(
+        &keys().rsa,
+        &claims("user/*.rs", json!({"tenant": "trust-b"})),
+    );
+    let r = s
+        .req(Method::GET, "trust-b", "/Observation/b1", Some(&tb), None)
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(body(r).await["meta"]["versionId"], "1");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Patient compartment
+
+async fn compartment_data(s: &Srv) {
+    s.seed("trust-a", "/Patient/p1", patient("p1")).await;
+    s.seed("trust-a", "/Patient/p2", patient("p2")).await;
+    s.seed("trust-a", "/Observation/o2", obs("o2", "p2")).await;
+    let mut o1 = obs("o1", "p1");
+    o1["hasMember"] = json!([{"reference": "Observation/o2"}]);
+    s.seed("trust-a", "/Observation/o1", o1).await;
+}
+
+fn patient_token(scope: &str) -> String {
+    sign(&keys().rsa, &claims(scope, json!({"patient": "p1"})))
+}
+
+#[tokio::test]
+async fn patient_scope_limits_reads_and_searches_to_the_compartment() {
+    let s = start().await;
+    compartment_data(&s).await;
+    let t = patient_token("patient/*.rs");
+    for (path, want) in [
+        ("/Observation/o1", StatusCode::OK),
+        ("/Patient/p1", StatusCode::OK),
+        ("/Observation/o1/_history", StatusCode::OK),
+        ("/Observation/o1/_history/1", StatusCode::OK),
+        ("/Observation/o2", StatusCode::NOT_FOUND),
+        ("/Patient/p2", StatusCode::NOT_FOUND),
+        ("/Observation/o2/_history/1", StatusCode::NOT_FOUND),
+        ("/Observation/o2/_history", StatusCode::NOT_FOUND),
+    ] {
+        let r = s.req(Method::GET, "trust-a", path, Some(&t), None).await;
+        assert_eq!(r.status(), want, "{path}");
+    }
+    let r = s
+        .req(Method::GET, "trust-a", "/Observation", Some(&t), None)
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let b = body(r).await;
+    assert_eq!(ids(&b), ["Observation/o1"], "{b}");
+    assert_eq!(b["total"], 1);
+    let r = s
+        .req(Method::GET, "trust-a", "/Patient", Some(&t), None)
+        .await;
+    assert_eq!(ids(&body(r).await), ["Patient/p1"]);
+    let r = s
+        .req(
+            Method::GET,
+            "trust-a",
+            "/Patient/p2/Observation",
+            Some(&t),
+            None,
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(ids(&body(r).await).is_empty());
+    // Queries that would test resources outside the compartment are refused.
+    for path in [
+        "/Observation?subject:Patient.gender=female",
+        "/Patient?_has:Observation:subject:code=8867-4",
+    ] {
+        let r = s.req(Method::GET, "trust-a", path, Some(&t), None).await;
+        assert_403(r, path).await;
+    }
+    for path in ["/_history", "/Observation/_history", "?_type=Observation"] {
+        let r = s.req(Method::GET, "trust-a", path, Some(&t), None).await;
+        assert_403(r, path).await;
+    }
+}
+
+#[tokio::test]
+async fn patient_scope_filters_include_and_revinclude_results() {
+    let s = start().await;
+    compartment_data(&s).await;
+    let t = patient_token("patient/*.rs");
+    // o1 includes o2 (another patient's) through hasMember: dropped.
+    let r = s
+        .req(
+            Method::GET,
+            "trust-a",
+            "/Observation?_include=Observation:has-member&_include=Observation:subject",
+            Some(&t),
+            None,
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let b = body(r).await;
+    assert_eq!(ids(&b), ["Observation/o1", "Patient/p1"], "{b}");
+    // Unrestricted, the include is there.
+    let r = s
+        .req(
+            Method::GET,
+            "trust-a",
+            "/Observation?_include=Observation:has-member",
+            Some(&admin_token()),
+            None,
+        )
+        .await;
+    assert_eq!(ids(&body(r).await), ["Observation/o1", "Observation/o2"]);
+    // p2's observation points at nothing of p1; p1's revinclude of o1 stays in.
+    let r = s
+        .req(
+            Method::GET,
+            "trust-a",
+            "/Patient?_revinclude=Observation:subject",
+            Some(&t),
+            None,
+        )
+        .await;
+    assert_eq!(ids(&body(r).await), ["Observation/o1", "Patient/p1"]);
+}
+
+#[tokio::test]
+async fn patient_scope_writes_stay_in_the_compartment() {
+    let s = start().await;
+    compartment_data(&s).await;
+    let t = patient_token("patient/Observation.cruds");
+    let r = s
+        .req(
+            Method::POST,
+            "trust-a",
+            "/Observation",
+            Some(&t),
+            Some(&obs("n", "p1")),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let r = s
+        .req(
+            Method::POST,
+            "trust-a",
+            "/Observation",
+            Some(&t),
+            Some(&obs("n", "p2")),
+        )
+        .await;
+    assert_403(r, "create for p2").await;
+    // Moving o1 to p2 is refused; updating it in place is fine.
+    let r = s
+        .req(
+            Method::PUT,
+            "trust-a",
+            "/Observation/o1",
+            Some(&t),
+            Some(&obs("o1", "p2")),
+        )
+        .await;
+    assert_403(r, "move out").await;
+    let r = s
+        .req(
+            Method::PUT,
+            "trust-a",
+            "/Observation/o1",
+            Some(&t),
+            Some(&obs("o1", "p1")),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    // p2's observation can be neither overwritten nor deleted.
+    let r = s
+        .req(
+            Method::PUT,
+            "trust-a",
+            "/Observation/o2",
+            Some(&t),
+            Some(&obs("o2", "p1")),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    let r = s
+        .req(Method::DELETE, "trust-a", "/Observation/o2", Some(&t), None)
+        .await;
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    let r = s
+        .req(
+            Method::GET,
+            "trust-a",
+            "/Observation/o2",
+            Some(&admin_token()),
+            None,
+        )
+        .await;
+    assert_eq!(body(r).await["subject"]["reference"], "Patient/p2");
+}
+
+// ---------------------------------------------------------------------------------------------
+// DPoP
+
+fn ath(token: &str) -> String {
+    URL_SAFE_NO_PAD.encode(Sha256::digest(token.as_bytes()))
+}
+
+fn ec_thumbprint(jwk: &Value) -> String {
+    let canonical = format!(
+        r#"{{"crv":"{}","kty":"EC","x":"{}","y":"{}"}}"#,
+        jwk["crv"].as_str().unwrap_or_default(),
+        jwk["x"].as_str().unwrap_or_default(),
+        jwk["y"].as_str().unwrap_or_default()
+    );
+    URL_SAFE_NO_PAD.encode(Sha256::digest(canonical.as_bytes()))
+}
+
+fn proof(client: &Signer, method: &str, url: &str, token: &str, jti: &str) -> String {
+    sign_raw(
+        &json!({"typ": "dpop+jwt", "alg": "ES256", "jwk": client.jwk}),
+        &json!({"jti": jti, "htm": method, "htu": url, "iat": now(), "ath": ath(token)}),
+        &client.key,
+        Algorithm::ES256,
+    )
+}
+
+#[tokio::test]
+async fn dpop_proofs_are_checked_over_http() {
+    let s = start().await;
+    let k = keys();
+    let tok = sign(
+        &k.rsa,
+        &claims(
+            "user/Observation.rs",
+            json!({"cnf": {"jkt": ec_thumbprint(&k.client.jwk)}}),
+        ),
+    );
+    let url = s.fhir("trust-a", "/Observation");
+    let send = |p: String| {
+        s.client
+            .get(url.clone())
+            .header("authorization", format!("DPoP {tok}"))
+            .header("dpop", p)
+            .send()
+    };
+    let p = proof(&k.client, "GET", &url, &tok, "proof-1");
+    let r = send(p.clone()).await.expect("request");
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = send(p).await.expect("request");
+    assert_401(r, "replayed proof").await;
+    let r = send(proof(&k.other_client, "GET", &url, &tok, "proof-2"))
+        .await
+        .expect("request");
+    assert_401(r, "proof by another key").await;
+    let r = send(proof(&k.client, "POST", &url, &tok, "proof-3"))
+        .await
+        .expect("request");
+    assert_401(r, "wrong htm").await;
+    let r = send(proof(
+        &k.client,
+        "GET",
+        &s.fhir("trust-b", "/Observation"),
+        &tok,
+        "proof-4",
+    ))
+    .await
+    .expect("request");
+    assert_401(r, "wrong htu").await;
+    // The bound token as Bearer is refused.
+    let r = s
+        .req(Method::GET, "trust-a", "/Observation", Some(&tok), None)
+        .await;
+    assert_401(r, "bound token as bearer").await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Discovery and admin
+
+#[tokio::test]
+async fn discovery_is_public_and_describes_the_authorization_server() {
+    let s = start().await;
+    let r = s
+        .req(
+            Method::GET,
+            "trust-a",
+            "/.well-known/smart-configuration",
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let c = body(r).await;
+    assert_eq!(c["issuer"], ISS);
+    assert_eq!(c["token_endpoint"], "https://idp.test/token");
+    assert_eq!(c["authorization_endpoint"], "https://idp.test/authorize");
+    assert!(
+        c["jwks_uri"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("http://127.0.0.1")
+    );
+    assert_eq!(c["code_challenge_methods_supported"], json!(["S256"]));
+    let caps = c["capabilities"].as_array().expect("capabilities");
+    for want in [
+        "permission-v1",
+        "permission-v2",
+        "permission-patient",
+        "permission-user",
+    ] {
+        assert!(caps.contains(&json!(want)), "{want}");
+    }
+
+    let r = s.req(Method::GET, "trust-a", "/metadata", None, None).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let cs = body(r).await;
+    let sec = &cs["rest"][0]["security"];
+    assert_eq!(
+        sec["service"][0]["coding"][0]["code"], "SMART-on-FHIR",
+        "{sec}"
+    );
+    let ext = &sec["extension"][0];
+    assert_eq!(
+        ext["url"],
+        "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris"
+    );
+    assert!(
+        ext["extension"]
+            .as_array()
+            .expect("uris")
+            .iter()
+            .any(|e| e["url"] == "token" && e["valueUri"] == "https://idp.test/token")
+    );
+}
+
+#[tokio::test]
+async fn admin_api_needs_an_admin_scope() {
+    let s = start().await;
+    let url = format!("{}/admin/tenants", s.url);
+    let r = s.call(Method::GET, url.clone(), None, None).await;
+    assert_401(r, "admin without token").await;
+    let user = format!("Bearer {}", token("user/*.rs"));
+    let r = s.call(Method::GET, url.clone(), Some(&user), None).await;
+    assert_403(r, "admin with read scope").await;
+    let admin = format!("Bearer {}", admin_token());
+    let r = s.call(Method::GET, url, Some(&admin), None).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    // Health stays public.
+    let r = s
+        .call(Method::GET, format!("{}/health", s.url), None, None)
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn search_pages_belong_to_the_token_that_searched() {
+    let s = start().await;
+    for i in 0..3 {
+        s.seed(
+            "trust-a",
+            &format!("/Observation/o{i}"),
+            obs(&format!("o{i}"), "p1"),
+        )
+        .await;
+    }
+    let mine = token("user/Observation.rs");
+    let r = s
+        .req(
+            Method::GET,
+            "trust-a",
+            "/Observation?_count=1",
+            Some(&mine),
+            None,
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let b = body(r).await;
+    let next = b["link"]
+        .as_array()
+        .and_then(|l| l.iter().find(|l| l["relation"] == "next"))
+        .and_then(|l| l["url"].as_str())
+        .expect("next link")
+        .to_string();
+    let r = s
+        .call(
+            Method::GET,
+            next.clone(),
+            Some(&format!("Bearer {mine}")),
+            None,
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::OK, "the searcher follows its link");
+    assert_eq!(ids(&body(r).await).len(), 1);
+    let other = sign(
+        &keys().rsa,
+        &claims("user/*.rs", json!({"sub": "someone-else"})),
+    );
+    let r = s
+        .call(Method::GET, next, Some(&format!("Bearer {other}")), None)
+        .await;
+    assert_403(r, "another user's page").await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Access log
+
+/// The auditor's view of trust-a's log for `query`, polled until `want(events)` holds, since
+/// reads are logged in the background.
+async fn audit_events(s: &Srv, query: &str, want: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let auditor = token("user/AuditEvent.rs");
+    let mut last = Vec::new();
+    for _ in 0..100 {
+        let r = s
+            .req(
+                Method::GET,
+                "trust-a",
+                &format!("/AuditEvent?{query}"),
+                Some(&auditor),
+                None,
+            )
+            .await;
+        assert_eq!(r.status(), StatusCode::OK);
+        let b = body(r).await;
+        last = b["entry"]
+            .as_array()
+            .map(|a| a.iter().map(|e| e["resource"].clone()).collect())
+            .unwrap_or_default();
+        if want(&last) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    for ev in &last {
+        fhir_core::Resource::from_json_bytes(ev.to_string().as_bytes())
+            .unwrap_or_else(|e| panic!("invalid AuditEvent {ev}: {e:?}"));
+    }
+    last
+}
+
+fn has_subtype(ev: &Value, code: &str) -> bool {
+    ev["subtype"][0]["code"] == code
+}
+
+#[tokio::test]
+async fn every_access_is_logged_as_a_balp_audit_event() {
+    let s = start().await;
+    compartment_data(&s).await;
+    let clinician = sign(
+        &keys().rsa,
+        &claims(
+            "user/*.cruds",
+            json!({
+                "jti": "jti-clinician",
+                "client_id": "ehr-app",
+                "helseid://claims/identity/pid": "01017012345",
+                "helseid://claims/hpr/hpr_number": "1234567",
+                "purpose_of_use": "TREAT",
+            }),
+        ),
+    );
+    let r = s
+        .req(
+            Method::GET,
+            "trust-a",
+            "/Observation/o1",
+            Some(&clinician),
+            None,
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = s
+        .req(
+            Method::PUT,
+            "trust-a",
+            "/Observation/o1",
+            Some(&clinician),
+            Some(&obs("o1", "p1")),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = s
+        .req(
+            Method::GET,
+            "trust-a",
+            "/Observation?subject=Patient/p1",
+            Some(&clinician),
+            None,
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    // A failed attempt: no token.
+    let r = s
+        .req(Method::GET, "trust-a", "/Patient/p1", None, None)
+        .await;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+
+    let events = audit_events(&s, "patient=p1&date=ge2020-01-01", |e| {
+        e.iter().any(|x| has_subtype(x, "read"))
+            && e.iter().any(|x| has_subtype(x, "update"))
+            && e.iter().any(|x| has_subtype(x, "search-type"))
+            && e.iter().any(|x| x["outcome"] == "4")
+    })
+    .await;
+    let read = events
+        .iter()
+        .find(|e| has_subtype(e, "read") && e["outcome"] == "0")
+        .expect("the read");
+    assert_eq!(read["type"]["code"], "rest");
+    assert_eq!(read["action"], "R");
+    let user = &read["agent"][0];
+    assert_eq!(user["who"]["identifier"]["value"], "01017012345");
+    assert_eq!(user["policy"][0], "urn:ietf:params:oauth:jti:jti-clinician");
+    assert_eq!(read["agent"][1]["who"]["identifier"]["value"], "ehr-app");
+    assert_eq!(read["purposeOfEvent"][0]["coding"][0]["code"], "TREAT");
+    let entities: Vec<&str> = read["entity"]
+        .as_array()
+        .expect("entities")
+        .iter()
+        .filter_map(|e| e["what"]["reference"].as_str())
+        .collect();
+    assert!(entities.contains(&"Patient/p1"), "{entities:?}");
+    assert!(entities.contains(&"Observation/o1"), "{entities:?}");
+    let update = events
+        .iter()
+        .find(|e| has_subtype(e, "update"))
+        .expect("the update");
+    assert_eq!(update["action"], "U");
+    let search = events
+        .iter()
+        .find(|e| has_subtype(e, "search-type"))
+        .expect("the search");
+    assert_eq!(search["action"], "E");
+    let failed = events
+        .iter()
+        .find(|e| e["outcome"] == "4")
+        .expect("the failed attempt");
+    assert_eq!(failed["outcomeDesc"], "HTTP 401");
+
+    // Another patient's log does not list them; a date range before today is empty.
+    let other = audit_events(&s, "patient=p2", |_| true).await;
+    assert!(!other.iter().any(|e| e["agent"][0]["policy"][0]
+        == "urn:ietf:params:oauth:jti:jti-clinician"
+        && has_subtype(e, "read")));
+    let old = audit_events(&s, "patient=p1&date=lt2020-01-01", |_| true).await;
+    assert!(old.is_empty());
+}
+
+#[tokio::test]
+async fn the_access_log_is_for_auditors_and_append_only() {
+    let s = start().await;
+    let clinician = token("user/*.cruds");
+    let r = s
+        .req(
+            Method::GET,
+            "trust-a",
+            "/AuditEvent?patient=p1",
+            Some(&clinician),
+            None,
+        )
+        .await;
+    assert_403(r, "clinician reading the log").await;
+    let auditor = token("user/AuditEvent.cruds system/*.cruds");
+    let ev = json!({"resourceType": "AuditEvent", "id": "x"});
+    for (m, path) in [
+        (Method::PUT, "/AuditEvent/x"),
+        (Method::DELETE, "/AuditEvent/x"),
+        (Method::POST, "/AuditEvent"),
+        (Method::DELETE, "/AuditEvent?patient=p1"),
+    ] {
+        let b = (m == Method::PUT || m == Method::POST).then_some(&ev);
+        let r = s.req(m.clone(), "trust-a", path, Some(&auditor), b).await;
+        assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED, "{m} {path}");
+    }
+    // A cross-tenant attempt lands in the attacked tenant's log.
+    let r = s
+        .req(
+            Method::GET,
+            "trust-b",
+            "/Patient/p1",
+            Some(&clinician),
+            None,
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    let tb = sign(
+        &keys().rsa,
+        &claims("system/AuditEvent.rs", json!({"tenant": "trust-b"})),
+    );
+    let mut found = false;
+    for _ in 0..100 {
+        let r = s
+            .req(
+                Method::GET,
+                "trust-b",
+                "/AuditEvent?patient=p1",
+                Some(&tb),
+                None,
+            )
+            .await;
+        assert_eq!(r.status(), StatusCode::OK);
+        let b = body(r).await;
+        if b["entry"].as_array().is_some_and(|e| !e.is_empty()) {
+            assert_eq!(b["entry"][0]["resource"]["outcome"], "4");
+            found = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(found, "the cross-tenant attempt was logged in trust-b");
+}
+
+#[tokio::test]
+async fn batch_refuses_only_the_entries_the_token_does_not_allow() {
+    let s = start().await;
+    let bundle = json!({
+        "resourceType": "Bundle",
+        "type": "batch",
+        "entry": [
+            {"resource": obs("b1", "p1"), "request": {"method": "PUT", "url": "Observation/b1"}},
+            {"resource": patient("bp"), "request": {"method": "PUT", "url": "Patient/bp"}},
+            {"request": {"method": "GET", "url": "Observation/b1"}},
+        ]
+    });
+    let obs_writer = token("user/Observation.cu");
+    let r = s
+        .req(
+            Method::POST,
+            "trust-a",
+            "",
+            Some(&obs_writer),
+            Some(&bundle),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let b = body(r).await;
+    assert_eq!(b["type"], "batch-response", "{b}");
+    let statuses: Vec<&str> = b["entry"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .map(|e| e["response"]["status"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(statuses.len(), 3, "{b}");
+    assert!(statuses[0].starts_with("201"), "{statuses:?}");
+    assert_eq!(statuses[1], "403 Forbidden");
+    assert_eq!(statuses[2], "403 Forbidden", "write does not imply read");
+    let r = s
+        .req(
+            Method::GET,
+            "trust-a",
+            "/Patient/bp",
+            Some(&admin_token()),
+            None,
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    let r = s
+        .req(
+            Method::GET,
+            "trust-a",
+            "/Observation/b1",
+            Some(&admin_token()),
+            None,
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+}
