@@ -1,0 +1,108 @@
+//! Search page tokens bound to the principal that ran the search.
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use fhir_core::TenantId;
+
+use super::forbidden;
+use crate::AppState;
+use crate::auth::Principal;
+use crate::error::ApiError;
+
+use super::restricted::filter_includes;
+
+/// Who may follow a search's paging links: `_getpages` tokens name a stored search, so they
+/// are bound to the principal (and tenant) that ran it, and keep its patient restriction.
+#[derive(Debug, Default)]
+pub struct PageOwners {
+    map: std::sync::Mutex<std::collections::HashMap<String, (String, Option<String>)>>,
+}
+
+/// Most remembered page tokens; beyond it the memory is cleared (old links then get 403).
+const MAX_PAGE_OWNERS: usize = 100_000;
+
+fn principal_key(p: &Principal, tenant: &TenantId) -> String {
+    format!(
+        "{}\u{0}{}\u{0}{}\u{0}{}",
+        p.issuer(),
+        p.subject().unwrap_or(""),
+        p.client_id().unwrap_or(""),
+        tenant
+    )
+}
+
+/// Records the page token of a search result, if it has one.
+pub(super) async fn remember_pages(
+    state: &AppState,
+    p: &Principal,
+    tenant: &TenantId,
+    patient: Option<String>,
+    resp: Response,
+) -> Response {
+    if resp.status() != StatusCode::OK {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, usize::MAX).await else {
+        return ApiError::Internal("cannot read the search result".into()).into_response();
+    };
+    const KEY: &[u8] = b"_getpages=";
+    if let Some(at) = bytes.windows(KEY.len()).position(|w| w == KEY) {
+        let token: String = bytes[at + KEY.len()..]
+            .iter()
+            .take_while(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+            .map(|b| *b as char)
+            .collect();
+        if !token.is_empty()
+            && let Ok(mut m) = state.page_owners.map.lock()
+        {
+            if m.len() >= MAX_PAGE_OWNERS {
+                m.clear();
+            }
+            m.insert(token, (principal_key(p, tenant), patient));
+        }
+    }
+    Response::from_parts(parts, Body::from(bytes))
+}
+
+/// `GET /fhir/{t}?_getpages=…`: only for the principal that ran the search.
+pub(super) async fn page(
+    state: &AppState,
+    p: &Principal,
+    tenant: &TenantId,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let token = req
+        .uri()
+        .query()
+        .and_then(|q| {
+            form_urlencoded::parse(q.as_bytes())
+                .find(|(k, _)| k == "_getpages")
+                .map(|(_, v)| v.into_owned())
+        })
+        .unwrap_or_default();
+    let owner = state
+        .page_owners
+        .map
+        .lock()
+        .ok()
+        .and_then(|m| m.get(&token).cloned());
+    match owner {
+        Some((key, patient)) if key == principal_key(p, tenant) => match patient {
+            Some(patient) => {
+                req.headers_mut().insert(
+                    header::ACCEPT,
+                    HeaderValue::from_static("application/fhir+json"),
+                );
+                let resp = next.run(req).await;
+                filter_includes(resp, &patient).await
+            }
+            None => next.run(req).await,
+        },
+        _ => forbidden("this page belongs to a search made with another token, or has expired"),
+    }
+}
