@@ -1,9 +1,10 @@
 //! Token validation, DPoP, scopes and tenant binding of `fhir_server::auth`, with keys generated
 //! here and JWKS served from a file and from a local HTTP server.
 
+mod common;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
 
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use base64::Engine as _;
@@ -17,136 +18,15 @@ use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-const ISS: &str = "https://idp.test";
+use common::auth::{AUD, ISS, Signer, b64json, ec_thumbprint, jwks, keys, now, sign_raw};
+
 const HELSEID: &str = "https://helseid.test";
-const AUD: &str = "fhir-api";
 const URL: &str = "https://fhir.example/fhir/trust-a/Observation";
 const ORGNR_PARENT: &str = "helseid://claims/client/claims/orgnr_parent";
 const ORGNR_CHILD: &str = "helseid://claims/client/claims/orgnr_child";
 
 // ---------------------------------------------------------------------------------------------
-// Keys
-
-/// A signing key with its public JWK.
-#[derive(Clone)]
-struct Signer {
-    key: EncodingKey,
-    alg: Algorithm,
-    kid: &'static str,
-    jwk: Value,
-}
-
-impl Signer {
-    fn with_alg(&self, alg: Algorithm) -> Signer {
-        Signer {
-            alg,
-            ..self.clone()
-        }
-    }
-}
-
-struct Keys {
-    rsa_a: Signer,
-    rsa_b: Signer,
-    rsa_a_public_pem: String,
-    ec: Signer,
-    client: Signer,
-    other_client: Signer,
-}
-
-fn rsa_signer(kid: &'static str) -> (Signer, String) {
-    use rsa::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
-    use rsa::traits::PublicKeyParts;
-    let private = rsa::RsaPrivateKey::new(&mut rand::rngs::OsRng, 2048).expect("RSA key");
-    let pem = private.to_pkcs8_pem(LineEnding::LF).expect("PKCS#8 PEM");
-    let public_pem = private
-        .to_public_key()
-        .to_public_key_pem(LineEnding::LF)
-        .expect("public PEM");
-    let jwk = json!({
-        "kty": "RSA",
-        "kid": kid,
-        "use": "sig",
-        "n": URL_SAFE_NO_PAD.encode(private.n().to_bytes_be()),
-        "e": URL_SAFE_NO_PAD.encode(private.e().to_bytes_be()),
-    });
-    let signer = Signer {
-        key: EncodingKey::from_rsa_pem(pem.as_bytes()).expect("encoding key"),
-        alg: Algorithm::RS256,
-        kid,
-        jwk,
-    };
-    (signer, public_pem)
-}
-
-fn ec_signer(kid: &'static str) -> Signer {
-    use p256::pkcs8::{EncodePrivateKey, LineEnding};
-    let secret = p256::SecretKey::random(&mut rand::rngs::OsRng);
-    let pem = secret.to_pkcs8_pem(LineEnding::LF).expect("PKCS#8 PEM");
-    let mut jwk: Value =
-        serde_json::from_str(&secret.public_key().to_jwk_string()).expect("JWK JSON");
-    jwk["kid"] = json!(kid);
-    Signer {
-        key: EncodingKey::from_ec_pem(pem.as_bytes()).expect("encoding key"),
-        alg: Algorithm::ES256,
-        kid,
-        jwk,
-    }
-}
-
-/// Keys are made once per test binary: RSA generation is slow in debug builds.
-fn keys() -> &'static Keys {
-    static KEYS: OnceLock<Keys> = OnceLock::new();
-    KEYS.get_or_init(|| {
-        let b = std::thread::spawn(|| rsa_signer("rsa-b"));
-        let (rsa_a, rsa_a_public_pem) = rsa_signer("rsa-a");
-        let (rsa_b, _) = b.join().expect("RSA thread");
-        Keys {
-            rsa_a,
-            rsa_b,
-            rsa_a_public_pem,
-            ec: ec_signer("ec-1"),
-            client: ec_signer("client"),
-            other_client: ec_signer("other-client"),
-        }
-    })
-}
-
-fn jwks(signers: &[&Signer]) -> String {
-    json!({"keys": signers.iter().map(|s| s.jwk.clone()).collect::<Vec<_>>()}).to_string()
-}
-
-/// RFC 7638 thumbprint of an EC public JWK, computed independently of the code under test.
-fn ec_thumbprint(jwk: &Value) -> String {
-    let canonical = format!(
-        r#"{{"crv":"{}","kty":"EC","x":"{}","y":"{}"}}"#,
-        jwk["crv"].as_str().unwrap_or_default(),
-        jwk["x"].as_str().unwrap_or_default(),
-        jwk["y"].as_str().unwrap_or_default()
-    );
-    URL_SAFE_NO_PAD.encode(Sha256::digest(canonical.as_bytes()))
-}
-
-// ---------------------------------------------------------------------------------------------
 // Tokens
-
-fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
-fn b64json(v: &Value) -> String {
-    URL_SAFE_NO_PAD.encode(v.to_string())
-}
-
-/// A compact JWS with exactly the given header (no defaults), signed by `key` with `alg`.
-fn sign_raw(header: &Value, claims: &Value, key: &EncodingKey, alg: Algorithm) -> String {
-    let input = format!("{}.{}", b64json(header), b64json(claims));
-    let sig = jsonwebtoken::crypto::sign(input.as_bytes(), key, alg).expect("signing");
-    format!("{input}.{sig}")
-}
 
 fn claims() -> Value {
     let t = now();
@@ -264,7 +144,7 @@ fn setup_with(dpop: &str, signers: &[&Signer]) -> Setup {
 
 fn setup(dpop: &str) -> Setup {
     let k = keys();
-    setup_with(dpop, &[&k.rsa_a, &k.ec])
+    setup_with(dpop, &[&k.rsa, &k.ec])
 }
 
 async fn get(auth: &Authenticator, headers: &HeaderMap) -> Result<Principal, AuthError> {
@@ -281,7 +161,7 @@ fn tenant(s: &str) -> TenantId {
 #[tokio::test]
 async fn rs256_token_is_accepted() {
     let s = setup("optional");
-    let p = get(&s.auth, &bearer(&token(&keys().rsa_a, &claims())))
+    let p = get(&s.auth, &bearer(&token(&keys().rsa, &claims())))
         .await
         .expect("valid RS256 token");
     assert_eq!(p.issuer(), ISS);
@@ -304,7 +184,7 @@ async fn es256_token_is_accepted() {
 #[tokio::test]
 async fn ps256_token_is_accepted() {
     let s = setup("optional");
-    let signer = keys().rsa_a.with_alg(Algorithm::PS256);
+    let signer = keys().rsa.with_alg(Algorithm::PS256);
     let p = get(&s.auth, &bearer(&token(&signer, &claims())))
         .await
         .expect("valid PS256 token");
@@ -315,7 +195,7 @@ async fn ps256_token_is_accepted() {
 async fn token_typ_jwt_and_media_type_form_are_accepted() {
     let s = setup("optional");
     for typ in ["JWT", "application/at+jwt", "AT+JWT"] {
-        let t = token_typ(&keys().rsa_a, &claims(), typ);
+        let t = token_typ(&keys().rsa, &claims(), typ);
         assert!(get(&s.auth, &bearer(&t)).await.is_ok(), "{typ}");
     }
 }
@@ -324,7 +204,7 @@ async fn token_typ_jwt_and_media_type_form_are_accepted() {
 async fn expired_token_is_rejected() {
     let s = setup("optional");
     let c = with(claims(), json!({"exp": now() - 31, "iat": now() - 400}));
-    let err = get(&s.auth, &bearer(&token(&keys().rsa_a, &c))).await.err();
+    let err = get(&s.auth, &bearer(&token(&keys().rsa, &c))).await.err();
     assert_eq!(err, Some(AuthError::Expired));
     let err = err.unwrap_or(AuthError::MissingCredentials);
     assert_eq!(err.status(), StatusCode::UNAUTHORIZED);
@@ -341,7 +221,7 @@ async fn expired_token_is_rejected() {
 async fn token_without_exp_is_rejected() {
     let s = setup("optional");
     let c = with(claims(), json!({"exp": null}));
-    let err = get(&s.auth, &bearer(&token(&keys().rsa_a, &c))).await.err();
+    let err = get(&s.auth, &bearer(&token(&keys().rsa, &c))).await.err();
     assert!(
         matches!(&err, Some(AuthError::InvalidClaim { claim, .. }) if claim == "exp"),
         "{err:?}"
@@ -352,10 +232,10 @@ async fn token_without_exp_is_rejected() {
 async fn not_yet_valid_token_is_rejected() {
     let s = setup("optional");
     let c = with(claims(), json!({"nbf": now() + 120}));
-    let err = get(&s.auth, &bearer(&token(&keys().rsa_a, &c))).await.err();
+    let err = get(&s.auth, &bearer(&token(&keys().rsa, &c))).await.err();
     assert_eq!(err, Some(AuthError::NotYetValid));
     let c = with(claims(), json!({"iat": now() + 120}));
-    let err = get(&s.auth, &bearer(&token(&keys().rsa_a, &c))).await.err();
+    let err = get(&s.auth, &bearer(&token(&keys().rsa, &c))).await.err();
     assert_eq!(err, Some(AuthError::NotYetValid));
 }
 
@@ -367,24 +247,20 @@ async fn clock_skew_is_tolerated() {
         claims(),
         json!({"exp": now() - 10, "nbf": now() + 10, "iat": now() + 10}),
     );
-    assert!(
-        get(&s.auth, &bearer(&token(&keys().rsa_a, &c)))
-            .await
-            .is_ok()
-    );
+    assert!(get(&s.auth, &bearer(&token(&keys().rsa, &c))).await.is_ok());
 }
 
 #[tokio::test]
 async fn wrong_issuer_is_rejected() {
     let s = setup("optional");
     let c = with(claims(), json!({"iss": "https://evil.test"}));
-    let err = get(&s.auth, &bearer(&token(&keys().rsa_a, &c))).await.err();
+    let err = get(&s.auth, &bearer(&token(&keys().rsa, &c))).await.err();
     assert_eq!(
         err,
         Some(AuthError::UnknownIssuer("https://evil.test".into()))
     );
     let c = with(claims(), json!({"iss": null}));
-    let err = get(&s.auth, &bearer(&token(&keys().rsa_a, &c))).await.err();
+    let err = get(&s.auth, &bearer(&token(&keys().rsa, &c))).await.err();
     assert!(matches!(err, Some(AuthError::UnknownIssuer(_))), "{err:?}");
 }
 
@@ -398,15 +274,11 @@ async fn wrong_audience_is_rejected() {
         json!(5),
     ] {
         let c = with(claims(), json!({"aud": aud.clone()}));
-        let err = get(&s.auth, &bearer(&token(&keys().rsa_a, &c))).await.err();
+        let err = get(&s.auth, &bearer(&token(&keys().rsa, &c))).await.err();
         assert_eq!(err, Some(AuthError::InvalidAudience), "{aud}");
     }
     let c = with(claims(), json!({"aud": ["x", AUD]}));
-    assert!(
-        get(&s.auth, &bearer(&token(&keys().rsa_a, &c)))
-            .await
-            .is_ok()
-    );
+    assert!(get(&s.auth, &bearer(&token(&keys().rsa, &c))).await.is_ok());
 }
 
 #[tokio::test]
@@ -424,7 +296,7 @@ async fn wrong_signature_is_rejected() {
     assert_eq!(err, Some(AuthError::InvalidSignature));
 
     // A genuine token whose claims were changed afterwards.
-    let genuine = token(&k.rsa_a, &claims());
+    let genuine = token(&k.rsa, &claims());
     let parts: Vec<&str> = genuine.split('.').collect();
     let more = b64json(&with(claims(), json!({"scope": "system/*.cruds"})));
     let tampered = format!("{}.{}.{}", parts[0], more, parts[2]);
@@ -450,7 +322,7 @@ async fn hs256_is_rejected() {
     // Including the classic confusion attack: the RSA public key used as HMAC secret.
     for secret in [
         b"shared-secret".to_vec(),
-        k.rsa_a_public_pem.as_bytes().to_vec(),
+        k.rsa.public_pem.as_bytes().to_vec(),
     ] {
         let t = sign_raw(
             &json!({"alg": "HS256", "typ": "at+jwt", "kid": "rsa-a"}),
@@ -466,7 +338,7 @@ async fn hs256_is_rejected() {
 #[tokio::test]
 async fn algorithm_not_configured_for_issuer_is_rejected() {
     let s = setup("optional");
-    let t = token(&keys().rsa_a.with_alg(Algorithm::RS384), &claims());
+    let t = token(&keys().rsa.with_alg(Algorithm::RS384), &claims());
     let err = get(&s.auth, &bearer(&t)).await.err();
     assert_eq!(err, Some(AuthError::UnsupportedAlgorithm("RS384".into())));
 }
@@ -475,13 +347,13 @@ async fn algorithm_not_configured_for_issuer_is_rejected() {
 async fn wrong_typ_is_rejected() {
     let s = setup("optional");
     let k = keys();
-    let t = token_typ(&k.rsa_a, &claims(), "dpop+jwt");
+    let t = token_typ(&k.rsa, &claims(), "dpop+jwt");
     let err = get(&s.auth, &bearer(&t)).await.err();
     assert_eq!(err, Some(AuthError::InvalidType("dpop+jwt".into())));
     let t = sign_raw(
         &json!({"alg": "RS256", "kid": "rsa-a"}),
         &claims(),
-        &k.rsa_a.key,
+        &k.rsa.key,
         Algorithm::RS256,
     );
     let err = get(&s.auth, &bearer(&t)).await.err();
@@ -548,7 +420,7 @@ async fn garbled_authorization_is_rejected() {
 #[tokio::test]
 async fn hostile_headers_never_panic() {
     let s = setup("optional");
-    let genuine = token(&keys().rsa_a, &claims());
+    let genuine = token(&keys().rsa, &claims());
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     for i in 0..2000 {
         let mut bytes: Vec<u8> = genuine.as_bytes().to_vec();
@@ -640,19 +512,11 @@ fn url_auth(url: &str, min_refresh: u64) -> Authenticator {
 #[tokio::test]
 async fn jwks_url_is_fetched_cached_and_refreshed_on_unknown_kid() {
     let k = keys();
-    let server = jwks_server(jwks(&[&k.rsa_a])).await;
+    let server = jwks_server(jwks(&[&k.rsa])).await;
     let auth = url_auth(&server.url, 0);
 
-    assert!(
-        get(&auth, &bearer(&token(&k.rsa_a, &claims())))
-            .await
-            .is_ok()
-    );
-    assert!(
-        get(&auth, &bearer(&token(&k.rsa_a, &claims())))
-            .await
-            .is_ok()
-    );
+    assert!(get(&auth, &bearer(&token(&k.rsa, &claims()))).await.is_ok());
+    assert!(get(&auth, &bearer(&token(&k.rsa, &claims()))).await.is_ok());
     assert_eq!(server.hits.load(Ordering::SeqCst), 1, "keys are cached");
 
     let rotated = token(&k.rsa_b, &claims());
@@ -668,7 +532,7 @@ async fn jwks_url_is_fetched_cached_and_refreshed_on_unknown_kid() {
 
     // The issuer rotates: publishes key B.
     if let Ok(mut d) = server.doc.lock() {
-        *d = jwks(&[&k.rsa_a, &k.rsa_b]);
+        *d = jwks(&[&k.rsa, &k.rsa_b]);
     }
     assert!(get(&auth, &bearer(&rotated)).await.is_ok());
     assert_eq!(server.hits.load(Ordering::SeqCst), 3);
@@ -677,13 +541,9 @@ async fn jwks_url_is_fetched_cached_and_refreshed_on_unknown_kid() {
 #[tokio::test]
 async fn jwks_refresh_on_unknown_kid_is_rate_limited() {
     let k = keys();
-    let server = jwks_server(jwks(&[&k.rsa_a])).await;
+    let server = jwks_server(jwks(&[&k.rsa])).await;
     let auth = url_auth(&server.url, 3600);
-    assert!(
-        get(&auth, &bearer(&token(&k.rsa_a, &claims())))
-            .await
-            .is_ok()
-    );
+    assert!(get(&auth, &bearer(&token(&k.rsa, &claims()))).await.is_ok());
     for _ in 0..5 {
         let err = get(&auth, &bearer(&token(&k.rsa_b, &claims()))).await.err();
         assert_eq!(err, Some(AuthError::UnknownKey("rsa-b".into())));
@@ -699,7 +559,7 @@ async fn unreachable_jwks_url_gives_503() {
         l.local_addr().expect("addr").port()
     };
     let auth = url_auth(&format!("http://127.0.0.1:{port}/jwks"), 0);
-    let err = get(&auth, &bearer(&token(&keys().rsa_a, &claims())))
+    let err = get(&auth, &bearer(&token(&keys().rsa, &claims())))
         .await
         .err();
     assert!(matches!(err, Some(AuthError::Unavailable(_))), "{err:?}");
@@ -731,7 +591,7 @@ fn https_jwks_url_needs_a_tls_fetcher() {
 async fn principal_with(scope: Value, extra: Value) -> Principal {
     let s = setup("optional");
     let c = with(with(claims(), json!({"scope": scope})), extra);
-    get(&s.auth, &bearer(&token(&keys().rsa_a, &c)))
+    get(&s.auth, &bearer(&token(&keys().rsa, &c)))
         .await
         .expect("valid token")
 }
@@ -922,7 +782,7 @@ fn helseid_claims() -> Value {
 #[tokio::test]
 async fn helseid_scopes_are_mapped_and_smart_scopes_ignored() {
     let s = setup("optional");
-    let p = get(&s.auth, &bearer(&token(&keys().rsa_a, &helseid_claims())))
+    let p = get(&s.auth, &bearer(&token(&keys().rsa, &helseid_claims())))
         .await
         .expect("valid HelseID token");
     assert_eq!(
@@ -938,7 +798,7 @@ async fn helseid_scopes_are_mapped_and_smart_scopes_ignored() {
 #[tokio::test]
 async fn helseid_identity_claims_reach_the_principal() {
     let s = setup("optional");
-    let p = get(&s.auth, &bearer(&token(&keys().rsa_a, &helseid_claims())))
+    let p = get(&s.auth, &bearer(&token(&keys().rsa, &helseid_claims())))
         .await
         .expect("valid HelseID token");
     assert_eq!(p.pid(), Some("01017012345"));
@@ -957,7 +817,7 @@ async fn helseid_identity_claims_reach_the_principal() {
 #[tokio::test]
 async fn tenant_from_orgnr_parent() {
     let s = setup("optional");
-    let p = get(&s.auth, &bearer(&token(&keys().rsa_a, &helseid_claims())))
+    let p = get(&s.auth, &bearer(&token(&keys().rsa, &helseid_claims())))
         .await
         .expect("valid");
     // orgnr_parent (trust-a) decides; orgnr_child (which maps to trust-b) is not consulted.
@@ -969,7 +829,7 @@ async fn tenant_from_orgnr_parent() {
 async fn tenant_from_orgnr_child_without_parent() {
     let s = setup("optional");
     let c = with(helseid_claims(), json!({ORGNR_PARENT: null}));
-    let p = get(&s.auth, &bearer(&token(&keys().rsa_a, &c)))
+    let p = get(&s.auth, &bearer(&token(&keys().rsa, &c)))
         .await
         .expect("valid");
     assert!(p.allows_tenant(&tenant("trust-b")));
@@ -980,7 +840,7 @@ async fn tenant_from_orgnr_child_without_parent() {
 async fn tenant_from_smart_tenant_claim() {
     let s = setup("optional");
     let c = with(claims(), json!({"tenant": "trust-c"}));
-    let p = get(&s.auth, &bearer(&token(&keys().rsa_a, &c)))
+    let p = get(&s.auth, &bearer(&token(&keys().rsa, &c)))
         .await
         .expect("valid");
     assert!(p.allows_tenant(&tenant("trust-c")));
@@ -991,7 +851,7 @@ async fn tenant_from_smart_tenant_claim() {
 async fn token_for_trust_a_is_not_allowed_for_trust_b() {
     let s = setup("optional");
     let c = with(helseid_claims(), json!({ORGNR_CHILD: null}));
-    let p = get(&s.auth, &bearer(&token(&keys().rsa_a, &c)))
+    let p = get(&s.auth, &bearer(&token(&keys().rsa, &c)))
         .await
         .expect("valid");
     assert_eq!(p.check_tenant(&tenant("trust-a")), Ok(()));
@@ -1003,7 +863,7 @@ async fn token_for_trust_a_is_not_allowed_for_trust_b() {
         helseid_claims(),
         json!({ORGNR_PARENT: "999999999", ORGNR_CHILD: null}),
     );
-    let p = get(&s.auth, &bearer(&token(&keys().rsa_a, &c)))
+    let p = get(&s.auth, &bearer(&token(&keys().rsa, &c)))
         .await
         .expect("valid");
     assert!(!p.allows_tenant(&tenant("trust-a")));
@@ -1041,7 +901,7 @@ fn bound_token(client: &Signer) -> String {
         claims(),
         json!({"cnf": {"jkt": ec_thumbprint(&client.jwk)}}),
     );
-    token(&keys().rsa_a, &c)
+    token(&keys().rsa, &c)
 }
 
 fn dpop_headers(token: &str, proof: &str) -> HeaderMap {
@@ -1091,7 +951,7 @@ async fn dpop_valid_proof_is_accepted() {
 #[tokio::test]
 async fn dpop_required_rejects_bearer() {
     let s = setup("required");
-    let err = get(&s.auth, &bearer(&token(&keys().rsa_a, &claims())))
+    let err = get(&s.auth, &bearer(&token(&keys().rsa, &claims())))
         .await
         .err();
     assert_eq!(err, Some(AuthError::DpopRequired));
@@ -1224,7 +1084,7 @@ async fn dpop_cnf_jkt_mismatch_is_rejected() {
 #[tokio::test]
 async fn dpop_with_unbound_token_is_rejected() {
     let s = setup("required");
-    let t = token(&keys().rsa_a, &claims());
+    let t = token(&keys().rsa, &claims());
     let err = dpop_request(&s.auth, &t, &proof_claims("POST", URL, &t))
         .await
         .err();

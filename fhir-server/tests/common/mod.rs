@@ -1,6 +1,7 @@
 //! A real server on a loopback socket over a temporary data folder, and small HTTP helpers.
 #![allow(dead_code)]
 
+pub mod auth;
 pub mod binary;
 
 use fhir_core::TenantId;
