@@ -80,7 +80,7 @@ mod tests {
         let server = RunningServer::router(router(m), "baseline-test").unwrap();
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(async {
-            let c = crate::load::client(1).unwrap();
+            let c = crate::load::client(1, None).unwrap();
             let r = c
                 .get(format!("{}/fhir/t/Observation?code=a%7Cb", server.origin()))
                 .send()

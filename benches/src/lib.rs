@@ -20,6 +20,7 @@
 //! the commands and the latest figures.
 #![warn(missing_docs)]
 
+pub mod auth;
 pub mod baseline;
 pub mod generate;
 pub mod load;

@@ -252,9 +252,17 @@ pub fn record_key(method: &str, path_and_query: &str) -> String {
 }
 
 /// A client for benchmark traffic: no proxy (all traffic stays on this machine), Nagle off, a
-/// connection pool as large as the concurrency.
-pub fn client(concurrency: usize) -> Result<reqwest::Client, BenchError> {
+/// connection pool as large as the concurrency; `bearer` goes into every request's
+/// `Authorization` header.
+pub fn client(concurrency: usize, bearer: Option<&str>) -> Result<reqwest::Client, BenchError> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(t) = bearer {
+        let v = reqwest::header::HeaderValue::from_str(&format!("Bearer {t}"))
+            .map_err(|e| BenchError::new(format!("the bearer token is not a header value: {e}")))?;
+        headers.insert(reqwest::header::AUTHORIZATION, v);
+    }
     reqwest::Client::builder()
+        .default_headers(headers)
         .no_proxy()
         .tcp_nodelay(true)
         .pool_max_idle_per_host(concurrency.max(1))

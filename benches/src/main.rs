@@ -92,6 +92,18 @@ struct ServerArgs {
     /// Tenant to load into and search.
     #[arg(long, default_value = "default")]
     tenant: String,
+    /// With the in-process server: auth on (a key and a `system/*.cruds` token made for the
+    /// run; every request is checked and written to the access log).
+    #[arg(long, conflicts_with = "url")]
+    auth: bool,
+    /// With --url: a bearer token for every request (or the FHIR_BENCH_BEARER variable).
+    #[arg(
+        long,
+        env = "FHIR_BENCH_BEARER",
+        hide_env_values = true,
+        requires = "url"
+    )]
+    bearer: Option<String>,
 }
 
 #[derive(Args)]
@@ -192,6 +204,7 @@ fn target(s: &ServerArgs) -> Target {
         Some(u) => Target::Url(u.clone()),
         None => Target::Spawn {
             data: s.data_dir.clone(),
+            auth: s.auth,
         },
     }
 }
@@ -246,9 +259,30 @@ fn bench_config(
         baseline: !out.no_baseline,
         out: out_dir,
         progress: !out.quiet,
-        command: std::env::args().collect::<Vec<_>>().join(" "),
+        command: command_line(),
         notes: out.note.clone(),
+        bearer: server.bearer.clone(),
     }
+}
+
+/// The command line for the report, without the value of `--bearer` (a secret).
+fn command_line() -> String {
+    let mut out = Vec::new();
+    let mut hide_next = false;
+    for a in std::env::args() {
+        if hide_next {
+            out.push("…".to_string());
+            hide_next = false;
+        } else if a == "--bearer" {
+            out.push(a);
+            hide_next = true;
+        } else if a.starts_with("--bearer=") {
+            out.push("--bearer=…".to_string());
+        } else {
+            out.push(a);
+        }
+    }
+    out.join(" ")
 }
 
 fn go(cli: Cli) -> Result<(), String> {

@@ -24,6 +24,9 @@ pub enum Target {
     Spawn {
         /// The data folder; keep it to search later without loading again.
         data: Option<PathBuf>,
+        /// Auth on: every request carries a token that is checked, and is audited (see
+        /// [`crate::auth`]).
+        auth: bool,
     },
 }
 
@@ -104,6 +107,9 @@ pub struct BenchConfig {
     pub command: String,
     /// Extra notes for the report (e.g. "shared, noisy VM").
     pub notes: Vec<String>,
+    /// A bearer token for every request (a server reached by URL with auth on); a spawned
+    /// server with `auth` makes its own.
+    pub bearer: Option<String>,
 }
 
 /// What a run produced.
@@ -118,10 +124,17 @@ pub struct RunOutput {
 /// Runs the benchmark and writes its report to `cfg.out`.
 pub fn run(cfg: &BenchConfig) -> Result<RunOutput, BenchError> {
     let started = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string();
+    let mut bearer = cfg.bearer.clone();
     let (server, origin, target_desc) = match &cfg.target {
         Target::Url(u) => (None, check_loopback(u)?, format!("running server at {u}")),
-        Target::Spawn { data } => {
-            let s = RunningServer::fhir(data.as_deref(), &cfg.tenant)?;
+        Target::Spawn { data, auth } => {
+            let s = if *auth {
+                let (s, token) = RunningServer::fhir_with_auth(data.as_deref(), &cfg.tenant)?;
+                bearer = Some(token);
+                s
+            } else {
+                RunningServer::fhir(data.as_deref(), &cfg.tenant)?
+            };
             let o = s.origin().to_string();
             let where_ = data
                 .as_ref()
@@ -131,7 +144,10 @@ pub fn run(cfg: &BenchConfig) -> Result<RunOutput, BenchError> {
             (
                 Some(s),
                 o,
-                format!("fhir-server in-process (redb) over {where_}"),
+                format!(
+                    "fhir-server in-process (redb, auth {}) over {where_}",
+                    if *auth { "on" } else { "off" }
+                ),
             )
         }
     };
@@ -151,7 +167,11 @@ pub fn run(cfg: &BenchConfig) -> Result<RunOutput, BenchError> {
         index_catch_up_s: None,
         notes: cfg.notes.clone(),
     };
-    let result = rt.block_on(measure(cfg, &origin, &mut report));
+    let cfg = BenchConfig {
+        bearer,
+        ..cfg.clone()
+    };
+    let result = rt.block_on(measure(&cfg, &origin, &mut report));
     drop(rt);
     drop(server);
     result?;
@@ -161,7 +181,13 @@ pub fn run(cfg: &BenchConfig) -> Result<RunOutput, BenchError> {
 
 async fn measure(cfg: &BenchConfig, origin: &str, report: &mut Report) -> Result<(), BenchError> {
     let tenant = &cfg.tenant;
-    prepare_tenant(origin, tenant, matches!(cfg.target, Target::Url(_))).await?;
+    prepare_tenant(
+        origin,
+        tenant,
+        matches!(cfg.target, Target::Url(_)),
+        cfg.bearer.as_deref(),
+    )
+    .await?;
     let dataset = Dataset::new(cfg.dataset.clone());
     if let Some(ic) = &cfg.ingest {
         ingest(cfg, ic, &dataset, origin, report).await?;
@@ -203,8 +229,13 @@ async fn measure(cfg: &BenchConfig, origin: &str, report: &mut Report) -> Result
 }
 
 /// Checks that the tenant answers; on a server reached by URL, creates it if it is missing.
-async fn prepare_tenant(origin: &str, tenant: &str, create: bool) -> Result<(), BenchError> {
-    let client = load::client(1)?;
+async fn prepare_tenant(
+    origin: &str,
+    tenant: &str,
+    create: bool,
+    bearer: Option<&str>,
+) -> Result<(), BenchError> {
+    let client = load::client(1, bearer)?;
     let metadata = format!("{origin}/fhir/{tenant}/metadata");
     let status = |r: Result<reqwest::Response, reqwest::Error>| match r {
         Ok(r) => Ok(r.status().as_u16()),
@@ -279,7 +310,7 @@ async fn ingest(
     report: &mut Report,
 ) -> Result<(), BenchError> {
     let tenant = &cfg.tenant;
-    let client = load::client(ic.concurrency)?;
+    let client = load::client(ic.concurrency, cfg.bearer.as_deref())?;
     let summary = dataset.summary();
     let mut mode = ic.mode;
     if mode == IngestMode::Batch {
@@ -395,7 +426,7 @@ async fn ingest(
     for (name, detail, plan, stats) in runs {
         let b = match &baseline {
             Some(b) => {
-                let client = load::client(ic.concurrency)?;
+                let client = load::client(ic.concurrency, cfg.bearer.as_deref())?;
                 let o = RunOptions {
                     recorder: None,
                     ..opts_no_progress(&opts)
@@ -472,7 +503,7 @@ async fn search(
     let max_c = sc.concurrency.iter().copied().max().unwrap_or(1).max(1);
     // Warm-up: every request once, recording each answer (every page) for the baseline.
     let recorder = Arc::new(Recorder::new());
-    let client = load::client(max_c)?;
+    let client = load::client(max_c, cfg.bearer.as_deref())?;
     let warm = load::run(
         &client,
         origin,

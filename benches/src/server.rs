@@ -38,6 +38,25 @@ impl RunningServer {
     /// Starts the real server over the data folder `data` (its `store/` is created if missing;
     /// `None`: a temporary folder removed on drop) with tenant `tenant`.
     pub fn fhir(data: Option<&Path>, tenant: &str) -> Result<RunningServer, BenchError> {
+        Self::start_fhir(data, tenant, false).map(|(s, _)| s)
+    }
+
+    /// Like [`RunningServer::fhir`], with auth on (see [`crate::auth`]); also returns the
+    /// bearer token for the benchmark's requests.
+    pub fn fhir_with_auth(
+        data: Option<&Path>,
+        tenant: &str,
+    ) -> Result<(RunningServer, String), BenchError> {
+        let (s, token) = Self::start_fhir(data, tenant, true)?;
+        let token = token.ok_or_else(|| BenchError::new("auth setup made no token"))?;
+        Ok((s, token))
+    }
+
+    fn start_fhir(
+        data: Option<&Path>,
+        tenant: &str,
+        auth: bool,
+    ) -> Result<(RunningServer, Option<String>), BenchError> {
         let (temp, dir): (Option<tempfile::TempDir>, PathBuf) = match data {
             Some(d) => (None, d.to_path_buf()),
             None => {
@@ -65,11 +84,17 @@ impl RunningServer {
                 .create_tenant(&id, "Benchmark tenant")
                 .map_err(|e| BenchError::new(format!("creating tenant '{tenant}': {e}")))?;
         }
-        let state = AppState::open(store, ServerConfig::default(), &dir.join("index"))
+        let mut state = AppState::open(store, ServerConfig::default(), &dir.join("index"))
             .map_err(|e| BenchError::new(format!("cannot open the search index: {e}")))?;
+        let mut token = None;
+        if auth {
+            let a = crate::auth::setup(&dir, tenant)?;
+            state = state.with_auth(a.authenticator);
+            token = Some(a.token);
+        }
         let mut s = RunningServer::router(fhir_server::app(state), "fhir-server")?;
         s._temp = temp;
-        Ok(s)
+        Ok((s, token))
     }
 
     /// Serves `router` on `127.0.0.1:0`.

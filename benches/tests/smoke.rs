@@ -12,7 +12,10 @@ use benches::run::{BenchConfig, IngestConfig, SearchConfig, Target, run};
 fn smoke_run_writes_markdown_json_and_svg_reports() {
     let out = tempfile::tempdir().unwrap();
     let cfg = BenchConfig {
-        target: Target::Spawn { data: None },
+        target: Target::Spawn {
+            data: None,
+            auth: false,
+        },
         tenant: "default".into(),
         dataset: DatasetConfig {
             patients: 3,
@@ -36,6 +39,7 @@ fn smoke_run_writes_markdown_json_and_svg_reports() {
         progress: false,
         command: "smoke test".into(),
         notes: vec!["smoke".into()],
+        bearer: None,
     };
     let t0 = std::time::Instant::now();
     let result = run(&cfg).unwrap();
@@ -125,6 +129,7 @@ fn ingest_falls_back_to_single_requests_without_batch_support() {
         progress: false,
         command: "fallback test".into(),
         notes: Vec::new(),
+        bearer: None,
     };
     let result = run(&cfg).unwrap();
     let r = &result.report;
@@ -142,4 +147,52 @@ fn ingest_falls_back_to_single_requests_without_batch_support() {
         r.dataset.as_ref().unwrap().total
     );
     assert!(ingest.baseline.is_none());
+}
+
+/// `--auth`: the in-process server checks every request's token and scopes; the run's own
+/// token must get every resource in and every search answered (a rejected token would show as
+/// errors and no resources).
+#[test]
+fn auth_on_run_is_accepted_end_to_end() {
+    let out = tempfile::tempdir().unwrap();
+    let cfg = BenchConfig {
+        target: Target::Spawn {
+            data: None,
+            auth: true,
+        },
+        tenant: "default".into(),
+        dataset: DatasetConfig {
+            patients: 2,
+            days: 1,
+            ..DatasetConfig::default()
+        },
+        ingest: Some(IngestConfig {
+            batch_size: 10,
+            concurrency: 2,
+            single_patients: 1,
+            ..IngestConfig::default()
+        }),
+        search: Some(SearchConfig {
+            concurrency: vec![2],
+            stop: Stop::Count(8),
+            plan_size: 8,
+            max_pages: 1,
+        }),
+        baseline: false,
+        out: out.path().join("report"),
+        progress: false,
+        command: "auth smoke test".into(),
+        notes: Vec::new(),
+        bearer: None,
+    };
+    let result = run(&cfg).unwrap();
+    let r = &result.report;
+    assert!(r.target.contains("auth on"), "{}", r.target);
+    let total = r.dataset.as_ref().unwrap().total;
+    let ingest = r.phases.iter().find(|p| p.name == "ingest").unwrap();
+    assert_eq!(ingest.server.total.resources, total);
+    assert_eq!(ingest.server.total.errors, 0, "{:?}", r.notes);
+    let search = r.phases.iter().find(|p| p.name == "search").unwrap();
+    assert!(search.server.total.requests > 0);
+    assert_eq!(search.server.total.errors, 0, "{:?}", r.notes);
 }
