@@ -7,7 +7,7 @@
 //! dpop_algorithms = ["ES256", "PS256", "RS256"]
 //! dpop_max_age_secs = 60            # how old a DPoP proof (iat) may be
 //! dpop_replay_cache_entries = 200000
-//! jwks_fetch_timeout_secs = 10
+//! jwks_fetch_timeout_secs = 10       # time limit of one JWKS fetch or introspection call
 //!
 //! [auth.org_tenants]                # organisation number -> tenant id, for all issuers
 //! "983974899" = "helse-bergen"
@@ -28,12 +28,52 @@
 //!   { claim = "helseid://claims/client/claims/orgnr_parent", kind = "orgnr" },
 //!   { claim = "helseid://claims/client/claims/orgnr_child", kind = "orgnr" },
 //! ]
+//! # jwks_ca_file = "/etc/fhir/issuer-ca.pem"   # extra CA certificates (PEM) for this issuer's https URLs
+//! min_security_level = 4                       # HelseID: users must have logged in at level 4
+//! # Opaque (non-JWT) access tokens, RFC 7662; at most one issuer (HelseID's tokens are JWTs):
+//! # introspection_url = "https://idp.example/connect/introspect"
+//! # introspection_client_id = "fhir-api"
+//! # introspection_client_secret_env = "FHIR_INTROSPECTION_SECRET"  # the variable's name, not the secret
+//! # introspection_cache_secs = 60              # default; 0 = ask on every request; at most 3600
 //! [auth.issuer.scope_map]                      # issuer scope -> SMART scopes
 //! "nhn:fhir-dho/read" = ["user/*.rs"]
 //! "nhn:fhir-dho/write" = ["user/*.cud"]
 //! [auth.issuer.org_tenants]                    # extends/overrides [auth.org_tenants]
 //! "974557746" = "helse-fonna"
 //! ```
+//!
+//! # HTTPS
+//!
+//! `jwks_url` and `introspection_url` must be `https://`, or `http://` to a loopback host
+//! (`localhost`, `127.0.0.0/8`, `::1`). Server certificates are verified (host name included)
+//! against the operating system's CA store plus the issuer's `jwks_ca_file`, which may hold
+//! several PEM certificates (a private CA, or an intermediate). Redirects are not followed,
+//! answers are capped (1 MiB for a JWKS) and bounded by `jwks_fetch_timeout_secs`;
+//! `HTTPS_PROXY`/`NO_PROXY` are honoured for `https://` URLs. Nothing is fetched at start-up:
+//! keys load on the first token, and again on an unknown `kid`. A JWKS or introspection
+//! endpoint that cannot be reached or whose certificate is not trusted makes requests fail
+//! with 503 (the token could not be checked), not 401.
+//!
+//! # Opaque tokens (introspection)
+//!
+//! A bearer token that is not a JWT (not three dot-separated parts) is sent to the issuer with
+//! `introspection_url` (RFC 7662, HTTP Basic client authentication with
+//! `introspection_client_id` and the secret from the environment variable named by
+//! `introspection_client_secret_env`, read at start-up). An answer with `"active": true` is
+//! read like JWT claims: `exp` (required), `nbf`, `iat`, `aud` (must name a configured
+//! audience), `iss` (if present, must be this issuer), `scope`, `sub`, `client_id`, `jti`,
+//! `patient`, the tenant claims, `cnf.jkt` (DPoP binding) and the HelseID claims. Positive
+//! answers are reused for `introspection_cache_secs`, never past `exp`; refusals and failures
+//! are not cached. An issuer with `introspection_url` needs no JWKS (then its JWTs are
+//! refused).
+//!
+//! # Security level
+//!
+//! With `min_security_level`, a token that speaks for a user (it has HelseID's `pid`, or a
+//! `sub` that is not its `client_id`, RFC 9068 §2.2) must carry
+//! `helseid://claims/identity/security_level` of at least that value, or it gets 401 with
+//! `error="insufficient_user_authentication"` (RFC 9470 step-up). Client-credentials tokens
+//! have no user and are not affected.
 //!
 //! Unknown keys inside `[auth]` are errors (a typo must not silently weaken security); other
 //! top-level tables of the file are left to their owners.
@@ -230,6 +270,30 @@ pub struct IssuerConfig {
     /// Organisation number → tenant id for this issuer, over `[auth.org_tenants]`.
     #[serde(default)]
     pub org_tenants: BTreeMap<String, String>,
+    /// A PEM file of CA certificates trusted, besides the system's CA store, for this issuer's
+    /// `https://` JWKS and introspection endpoints (a private CA). Read at start-up.
+    #[serde(default)]
+    pub jwks_ca_file: Option<PathBuf>,
+    /// The issuer's RFC 7662 token introspection endpoint, asked about bearer tokens that are
+    /// not JWTs (opaque tokens). At most one issuer may have one.
+    #[serde(default)]
+    pub introspection_url: Option<String>,
+    /// The client id this server authenticates with at `introspection_url` (HTTP Basic).
+    #[serde(default)]
+    pub introspection_client_id: Option<String>,
+    /// The name of the environment variable that holds the client secret for
+    /// `introspection_url`; the secret itself never goes into the file.
+    #[serde(default)]
+    pub introspection_client_secret_env: Option<String>,
+    /// How long a positive introspection answer is reused (never past the token's `exp`);
+    /// `0` asks the endpoint on every request.
+    #[serde(default = "default_introspection_cache")]
+    pub introspection_cache_secs: u64,
+    /// HelseID: the lowest `helseid://claims/identity/security_level` accepted in tokens that
+    /// carry a user (2, 3 or 4; 4 means high assurance such as BankID). Tokens without a user
+    /// (client credentials) are not affected.
+    #[serde(default)]
+    pub min_security_level: Option<u8>,
 }
 
 fn default_realm() -> String {
@@ -264,6 +328,9 @@ fn default_replay_entries() -> usize {
 }
 fn default_fetch_timeout() -> u64 {
     10
+}
+fn default_introspection_cache() -> u64 {
+    60
 }
 /// HelseID's organisation claims (parent first: a trust is the parent organisation), then the
 /// SMART `tenant` claim.
@@ -302,6 +369,12 @@ impl IssuerConfig {
             scope_map: BTreeMap::new(),
             tenant_claims: default_tenant_claims(),
             org_tenants: BTreeMap::new(),
+            jwks_ca_file: None,
+            introspection_url: None,
+            introspection_client_id: None,
+            introspection_client_secret_env: None,
+            introspection_cache_secs: default_introspection_cache(),
+            min_security_level: None,
         }
     }
 }
@@ -320,6 +393,8 @@ struct File {
 
 /// Most seconds of clock skew accepted; more would make `exp` meaningless.
 const MAX_SKEW: u64 = 300;
+/// Longest reuse of an introspection answer: a revoked token stays usable this long.
+const MAX_INTROSPECTION_CACHE: u64 = 3600;
 
 impl AuthConfig {
     /// Auth switched off (`--no-auth`).
@@ -531,9 +606,13 @@ impl AuthConfig {
                         "give either jwks_file or jwks_url, not both",
                     ));
                 }
-                (None, None) => {
-                    return Err(invalid(key("jwks_file"), "give jwks_file or jwks_url"));
+                (None, None) if iss.introspection_url.is_none() => {
+                    return Err(invalid(
+                        key("jwks_file"),
+                        "give jwks_file or jwks_url (or introspection_url for opaque tokens)",
+                    ));
                 }
+                (None, None) => {}
                 (None, Some(url)) => {
                     check_jwks_url(url).map_err(|m| invalid(key("jwks_url"), m))?
                 }
@@ -589,6 +668,22 @@ impl AuthConfig {
                 return Err(invalid(key("tenant_claims"), "a claim name is empty"));
             }
             check_org_tenants(&key("org_tenants"), &iss.org_tenants)?;
+            if iss
+                .jwks_ca_file
+                .as_ref()
+                .is_some_and(|p| p.as_os_str().is_empty())
+            {
+                return Err(invalid(key("jwks_ca_file"), "must not be empty"));
+            }
+            check_introspection(i, iss, &self.issuers[..i])?;
+            if let Some(level) = iss.min_security_level
+                && !(1..=4).contains(&level)
+            {
+                return Err(invalid(
+                    key("min_security_level"),
+                    "HelseID security levels are 1 to 4",
+                ));
+            }
         }
         Ok(())
     }
@@ -620,21 +715,82 @@ fn check_org_tenants(key: &str, map: &BTreeMap<String, String>) -> Result<(), Co
 /// `https://…`, or `http://` to a loopback host (tests, sidecars): plain HTTP elsewhere would
 /// let anyone on the path substitute the issuer's keys.
 fn check_jwks_url(url: &str) -> Result<(), String> {
-    if url.starts_with("https://") && url.len() > "https://".len() {
-        return Ok(());
-    }
-    if url.starts_with("http://") {
-        let (host, _, _) = super::jwks::split_http_url(url)?;
-        let loopback = host == "localhost"
-            || host
-                .parse::<std::net::IpAddr>()
-                .is_ok_and(|ip| ip.is_loopback());
-        if loopback {
-            return Ok(());
+    super::fetch::check_url(url).map(|_| ())
+}
+
+/// The introspection keys come as a set, and only one issuer may have them: an opaque token
+/// names no issuer, so with several endpoints one server's tokens would be shown to another.
+fn check_introspection(
+    i: usize,
+    iss: &IssuerConfig,
+    earlier: &[IssuerConfig],
+) -> Result<(), ConfigError> {
+    let key = |k: &str| format!("auth.issuer[{i}].{k}");
+    let Some(url) = &iss.introspection_url else {
+        for (k, set) in [
+            (
+                "introspection_client_id",
+                iss.introspection_client_id.is_some(),
+            ),
+            (
+                "introspection_client_secret_env",
+                iss.introspection_client_secret_env.is_some(),
+            ),
+        ] {
+            if set {
+                return Err(invalid(key(k), "only meaningful with introspection_url"));
+            }
         }
-        return Err("plain http:// is only allowed for loopback hosts; use https://".into());
+        return Ok(());
+    };
+    check_jwks_url(url).map_err(|m| invalid(key("introspection_url"), m))?;
+    if earlier.iter().any(|o| o.introspection_url.is_some()) {
+        return Err(invalid(
+            key("introspection_url"),
+            "only one issuer may use introspection: an opaque token does not say which \
+             issuer it is from, and must not be shown to another one",
+        ));
     }
-    Err("must be an https:// URL".into())
+    if iss
+        .introspection_client_id
+        .as_deref()
+        .is_none_or(|c| c.trim().is_empty())
+    {
+        return Err(invalid(
+            key("introspection_client_id"),
+            "introspection_url needs the client id this server authenticates with",
+        ));
+    }
+    match iss.introspection_client_secret_env.as_deref() {
+        Some(v) if is_env_name(v) => {}
+        Some(_) => {
+            return Err(invalid(
+                key("introspection_client_secret_env"),
+                "must be the name of an environment variable (A-Z, 0-9, _), not the secret",
+            ));
+        }
+        None => {
+            return Err(invalid(
+                key("introspection_client_secret_env"),
+                "introspection_url needs the name of the environment variable holding the \
+                 client secret",
+            ));
+        }
+    }
+    if iss.introspection_cache_secs > MAX_INTROSPECTION_CACHE {
+        return Err(invalid(
+            key("introspection_cache_secs"),
+            format!("at most {MAX_INTROSPECTION_CACHE} seconds"),
+        ));
+    }
+    Ok(())
+}
+
+/// A portable environment variable name: letters, digits and `_`, not starting with a digit.
+fn is_env_name(s: &str) -> bool {
+    !s.is_empty()
+        && !s.starts_with(|c: char| c.is_ascii_digit())
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
 #[cfg(test)]
@@ -663,9 +819,23 @@ mod tests {
             .expect("helseid example");
         assert_eq!(h.issuers[0].dpop, DpopMode::Required);
         assert!(!h.issuers[0].smart_scopes);
+        assert_eq!(h.issuers[0].min_security_level, Some(4));
+        assert!(
+            h.issuers[0]
+                .jwks_url
+                .as_deref()
+                .is_some_and(|u| u.starts_with("https://"))
+        );
         let s =
             AuthConfig::from_toml_str(include_str!("examples/smart.toml")).expect("smart example");
         assert_eq!(s.mode, AuthMode::On);
+        let i = &s.issuers[0];
+        assert!(i.introspection_url.is_some());
+        assert_eq!(
+            i.introspection_client_secret_env.as_deref(),
+            Some("FHIR_INTROSPECTION_SECRET")
+        );
+        assert_eq!(i.introspection_cache_secs, 60);
     }
 
     #[test]
@@ -780,6 +950,34 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn introspection_and_security_level_keys() {
+        let intro = MINIMAL.replace(
+            "jwks_file = \"/tmp/jwks.json\"",
+            "introspection_url = \"https://idp.example/introspect\"\n\
+             introspection_client_id = \"api\"\n\
+             introspection_client_secret_env = \"API_SECRET\"",
+        );
+        let c = AuthConfig::from_toml_str(&intro).expect("introspection without a JWKS");
+        assert_eq!(c.issuers[0].introspection_cache_secs, 60);
+        assert_eq!(
+            err_key(&intro.replace("API_SECRET", "hunter 2")),
+            "auth.issuer[0].introspection_client_secret_env"
+        );
+        assert_eq!(
+            err_key(&format!("{MINIMAL}introspection_client_id = \"api\"")),
+            "auth.issuer[0].introspection_client_id"
+        );
+        assert_eq!(
+            err_key(&format!("{MINIMAL}min_security_level = 5")),
+            "auth.issuer[0].min_security_level"
+        );
+        assert_eq!(
+            err_key(&format!("{MINIMAL}jwks_ca_file = \"\"")),
+            "auth.issuer[0].jwks_ca_file"
+        );
     }
 
     #[test]

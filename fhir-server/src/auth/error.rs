@@ -81,13 +81,24 @@ pub enum AuthError {
     /// The DPoP proof failed a check.
     #[error("invalid DPoP proof: {0}")]
     InvalidDpopProof(DpopError),
+    /// The issuer's introspection endpoint says the (opaque) token is not active: revoked,
+    /// expired, or never issued by it (RFC 7662 §2.2).
+    #[error("the access token is not active")]
+    InactiveToken,
+    /// A user's token whose authentication is weaker than the issuer's
+    /// `min_security_level` (HelseID `security_level`). RFC 9470 §3: 401 with
+    /// `insufficient_user_authentication`, so the client can have the user log in again with a
+    /// stronger method.
+    #[error("insufficient user authentication: {0}")]
+    InsufficientUserAuthentication(String),
     /// Valid token, but the granted scopes do not allow the interaction.
     #[error("insufficient scope: {0}")]
     InsufficientScope(String),
     /// Valid token, but it is not issued for the tenant in the URL.
     #[error("the access token does not give access to tenant '{0}'")]
     TenantNotAllowed(String),
-    /// The credentials could not be checked right now (JWKS unreachable, replay cache full).
+    /// The credentials could not be checked right now (JWKS or introspection endpoint
+    /// unreachable or not trusted, replay cache full).
     #[error("authentication is temporarily unavailable: {0}")]
     Unavailable(String),
 }
@@ -177,7 +188,7 @@ impl AuthError {
     }
 
     /// The OAuth error code of the challenge (`invalid_request`, `invalid_token`,
-    /// `invalid_dpop_proof`, `insufficient_scope`), or `None` when RFC 6750 §3.1 says to send
+    /// `invalid_dpop_proof`, `insufficient_scope`, `insufficient_user_authentication`), or `None` when RFC 6750 §3.1 says to send
     /// none (no or unsupported credentials) or no challenge applies.
     pub fn error_code(&self) -> Option<&'static str> {
         match self {
@@ -188,6 +199,9 @@ impl AuthError {
             AuthError::InvalidDpopProof(DpopError::UnboundToken) => Some("invalid_token"),
             AuthError::InvalidDpopProof(_) => Some("invalid_dpop_proof"),
             AuthError::InsufficientScope(_) => Some("insufficient_scope"),
+            AuthError::InsufficientUserAuthentication(_) => {
+                Some("insufficient_user_authentication")
+            }
             AuthError::TenantNotAllowed(_) | AuthError::Unavailable(_) => None,
             _ => Some("invalid_token"),
         }
@@ -307,6 +321,18 @@ mod tests {
             v.starts_with("DPoP realm=\"fhir\", error=\"invalid_dpop_proof\""),
             "{v}"
         );
+    }
+
+    #[test]
+    fn step_up_challenge() {
+        let e = AuthError::InsufficientUserAuthentication("security level 3 < 4".into());
+        assert_eq!(e.status(), StatusCode::UNAUTHORIZED);
+        let v = e.www_authenticate().unwrap_or_default();
+        assert!(
+            v.starts_with("Bearer realm=\"fhir\", error=\"insufficient_user_authentication\""),
+            "{v}"
+        );
+        assert_eq!(AuthError::InactiveToken.error_code(), Some("invalid_token"));
     }
 
     #[test]

@@ -1,25 +1,10 @@
 //! Issuer signing keys: loading a JWKS from a file or URL, caching it, and refreshing it when a
 //! token names a key we do not know (key rotation).
 //!
-//! Fetching over the network goes through the small [`JwksFetcher`] trait so that the TLS stack
-//! is the embedder's choice. The built-in [`PlainHttpFetcher`] speaks plain HTTP/1.0 only (for
-//! loopback and in-cluster issuers and for tests); `https://` JWKS URLs need a TLS-capable
-//! fetcher passed to [`crate::auth::Authenticator::with_fetcher`], for example one built on
-//! `reqwest` with its `rustls` feature:
-//!
-//! ```ignore
-//! struct ReqwestFetcher(reqwest::Client);
-//! impl JwksFetcher for ReqwestFetcher {
-//!     fn fetch<'a>(&'a self, url: &'a str) -> FetchFuture<'a> {
-//!         Box::pin(async move {
-//!             let resp = self.0.get(url).send().await.map_err(|e| FetchError(e.to_string()))?;
-//!             let resp = resp.error_for_status().map_err(|e| FetchError(e.to_string()))?;
-//!             Ok(resp.bytes().await.map_err(|e| FetchError(e.to_string()))?.to_vec())
-//!         })
-//!     }
-//!     fn supports_https(&self) -> bool { true }
-//! }
-//! ```
+//! Fetching over the network goes through the small [`JwksFetcher`] trait. The built-in one,
+//! [`crate::auth::HttpsFetcher`], speaks HTTPS (rustls; system CA store plus the issuer's
+//! `jwks_ca_file`) and plain HTTP to loopback hosts; embedders with their own HTTP stack pass a
+//! fetcher to [`crate::auth::Authenticator::with_fetcher`].
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -29,7 +14,6 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::error::{AuthError, clip};
 use super::jwt::{PublicKey, SigningAlg};
@@ -59,157 +43,6 @@ pub trait JwksFetcher: Send + Sync + 'static {
     fn supports_https(&self) -> bool {
         false
     }
-}
-
-/// A minimal HTTP/1.0 `GET` client over a plain TCP connection.
-///
-/// HTTP/1.0 is used on purpose: servers must then answer with a `Content-Length` or close the
-/// connection, never with chunked encoding, which keeps this parser tiny.
-#[derive(Debug, Clone)]
-pub struct PlainHttpFetcher {
-    /// Time limit for connecting, sending and reading the whole answer.
-    pub timeout: Duration,
-}
-
-impl Default for PlainHttpFetcher {
-    fn default() -> Self {
-        PlainHttpFetcher {
-            timeout: Duration::from_secs(10),
-        }
-    }
-}
-
-impl JwksFetcher for PlainHttpFetcher {
-    fn fetch<'a>(&'a self, url: &'a str) -> FetchFuture<'a> {
-        Box::pin(async move {
-            match tokio::time::timeout(self.timeout, http_get(url)).await {
-                Ok(r) => r,
-                Err(_) => Err(FetchError(format!(
-                    "no answer from {url} within {:?}",
-                    self.timeout
-                ))),
-            }
-        })
-    }
-}
-
-/// Host, port and path of an `http://` URL.
-pub(crate) fn split_http_url(url: &str) -> Result<(String, u16, String), String> {
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| "only http:// URLs are supported by the plain fetcher".to_string())?;
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    let path = path.split('#').next().unwrap_or("/");
-    if authority.is_empty() || authority.contains('@') {
-        return Err("the URL needs a host (and no user info)".into());
-    }
-    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-        let (h, after) = v6
-            .split_once(']')
-            .ok_or_else(|| "unclosed IPv6 literal".to_string())?;
-        let port = match after.strip_prefix(':') {
-            Some(p) => p.parse().map_err(|_| "bad port".to_string())?,
-            None if after.is_empty() => 80,
-            None => return Err("bad authority".into()),
-        };
-        (h.to_string(), port)
-    } else {
-        match authority.rsplit_once(':') {
-            Some((h, p)) => (
-                h.to_string(),
-                p.parse().map_err(|_| "bad port".to_string())?,
-            ),
-            None => (authority.to_string(), 80),
-        }
-    };
-    if host.is_empty() || path.bytes().any(|b| b <= b' ' || b == 0x7f) {
-        return Err("bad host or path".into());
-    }
-    Ok((host, port, path.to_string()))
-}
-
-async fn http_get(url: &str) -> Result<Vec<u8>, FetchError> {
-    let (host, port, path) = split_http_url(url).map_err(FetchError)?;
-    let mut stream = tokio::net::TcpStream::connect((host.as_str(), port))
-        .await
-        .map_err(|e| FetchError(format!("cannot connect to {host}:{port}: {e}")))?;
-    let host_header = if host.contains(':') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
-    };
-    let request = format!(
-        "GET {path} HTTP/1.0\r\nHost: {host_header}\r\nAccept: application/json, application/jwk-set+json\r\nUser-Agent: fhir-server-auth\r\n\r\n"
-    );
-    stream
-        .write_all(request.as_bytes())
-        .await
-        .map_err(|e| FetchError(format!("cannot send the request: {e}")))?;
-    let mut raw = Vec::new();
-    // One byte over the limit tells "too large" from "exactly at the limit".
-    let limit = (MAX_JWKS_BYTES + 16 * 1024 + 1) as u64;
-    (&mut stream)
-        .take(limit)
-        .read_to_end(&mut raw)
-        .await
-        .map_err(|e| FetchError(format!("cannot read the answer: {e}")))?;
-    parse_http_response(&raw)
-}
-
-/// Extracts the body of a `200`-range HTTP/1.x answer.
-pub(crate) fn parse_http_response(raw: &[u8]) -> Result<Vec<u8>, FetchError> {
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| FetchError("incomplete HTTP answer".into()))?;
-    let head = std::str::from_utf8(&raw[..split])
-        .map_err(|_| FetchError("HTTP head is not text".into()))?;
-    let body = &raw[split + 4..];
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let status: u16 = status_line
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| FetchError(format!("bad status line '{}'", clip(status_line))))?;
-    if !(200..300).contains(&status) {
-        return Err(FetchError(format!("HTTP status {status}")));
-    }
-    let mut length: Option<usize> = None;
-    for line in lines {
-        let Some((name, value)) = line.split_once(':') else {
-            continue;
-        };
-        let (name, value) = (name.trim(), value.trim());
-        if name.eq_ignore_ascii_case("transfer-encoding") && !value.eq_ignore_ascii_case("identity")
-        {
-            return Err(FetchError(format!(
-                "unsupported transfer encoding '{}'",
-                clip(value)
-            )));
-        }
-        if name.eq_ignore_ascii_case("content-length") {
-            length = Some(
-                value
-                    .parse()
-                    .map_err(|_| FetchError("bad Content-Length".into()))?,
-            );
-        }
-    }
-    let body = match length {
-        Some(n) if n > body.len() => return Err(FetchError("truncated HTTP body".into())),
-        Some(n) => &body[..n],
-        None => body,
-    };
-    if body.len() > MAX_JWKS_BYTES {
-        return Err(FetchError(format!(
-            "JWKS larger than {MAX_JWKS_BYTES} bytes"
-        )));
-    }
-    Ok(body.to_vec())
 }
 
 /// Where an issuer's keys come from.
@@ -286,10 +119,6 @@ impl KeyStore {
             refresh: tokio::sync::Mutex::new(RefreshState::default()),
             attempts: AtomicU64::new(0),
         }
-    }
-
-    pub fn source(&self) -> &KeySource {
-        &self.source
     }
 
     fn current(&self) -> Arc<KeySet> {
@@ -447,42 +276,6 @@ fn read_file(path: &PathBuf) -> Result<Vec<u8>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn url_splitting() {
-        assert_eq!(
-            split_http_url("http://127.0.0.1:8080/jwks?x=1#f"),
-            Ok(("127.0.0.1".into(), 8080, "/jwks?x=1".into()))
-        );
-        assert_eq!(
-            split_http_url("http://localhost"),
-            Ok(("localhost".into(), 80, "/".into()))
-        );
-        assert_eq!(
-            split_http_url("http://[::1]:9/k"),
-            Ok(("::1".into(), 9, "/k".into()))
-        );
-        assert!(split_http_url("https://x/").is_err());
-        assert!(split_http_url("http://u@x/").is_err());
-        assert!(split_http_url("http://x:99999/").is_err());
-        assert!(split_http_url("http://x/a b").is_err());
-    }
-
-    #[test]
-    fn http_answers() {
-        let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}trailing";
-        assert_eq!(parse_http_response(ok), Ok(b"{}".to_vec()));
-        let close = b"HTTP/1.0 200 OK\r\n\r\n{\"keys\":[]}";
-        assert_eq!(parse_http_response(close), Ok(b"{\"keys\":[]}".to_vec()));
-        assert!(parse_http_response(b"HTTP/1.1 404 Not Found\r\n\r\n").is_err());
-        assert!(
-            parse_http_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}")
-                .is_err()
-        );
-        assert!(parse_http_response(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n{}").is_err());
-        assert!(parse_http_response(b"garbage").is_err());
-        assert!(parse_http_response(b"\xff\xfe\r\n\r\n").is_err());
-    }
 
     /// Fails every fetch after a short delay, counting calls.
     struct Failing(std::sync::atomic::AtomicUsize);

@@ -4,18 +4,28 @@
 //! # Flow
 //!
 //! ```text
-//! Authorization: Bearer|DPoP <JWT>      ──► Authenticator::authenticate(method, url, headers)
+//! Authorization: Bearer|DPoP <token>    ──► Authenticator::authenticate(method, url, headers)
 //!   1. header syntax                          MissingCredentials / UnsupportedScheme / MalformedAuthorization
+//!   a JWT (three dot-separated parts):
 //!   2. JWS shape, alg (no none, no HS*)       MalformedToken / UnsupportedAlgorithm
 //!   3. iss → configured issuer, typ           UnknownIssuer / InvalidType
 //!   4. scheme vs the issuer's dpop mode       DpopRequired / DpopNotAccepted
 //!   5. key by kid (JWKS, refreshed on miss)   UnknownKey / Unavailable
 //!   6. signature                              InvalidSignature
+//!   any other token, when an issuer has introspection_url (RFC 7662):
+//!   2. scheme vs the issuer's dpop mode       DpopRequired / DpopNotAccepted
+//!   3. introspection (cached)                 InactiveToken / UnknownIssuer / Unavailable
+//!   then, for both:
 //!   7. exp, nbf, iat (± skew), aud            Expired / NotYetValid / InvalidAudience
 //!   8. cnf.jkt vs scheme; DPoP proof          BoundTokenAsBearer / InvalidDpopProof(…)
 //!   9. claims → Principal (scopes mapped, patient context, tenants, HelseID facts)
+//!  10. HelseID security level of a user       InsufficientUserAuthentication
 //! ──► Principal::check_tenant(&tenant)?  and  Principal::check(interaction, type)?  (403s)
 //! ```
+//!
+//! JWKS documents and introspection answers are fetched over HTTPS with rustls (see
+//! [`HttpsFetcher`]); nothing is fetched at start-up, keys load on first use and on an unknown
+//! `kid`.
 //!
 //! Every error maps to a status and a `WWW-Authenticate` value: see [`AuthError`] and
 //! [`Authenticator::www_authenticate`]. Configuration, its environment overrides and two
@@ -43,6 +53,8 @@
 pub mod config;
 mod dpop;
 pub mod error;
+mod fetch;
+mod introspection;
 pub mod jwks;
 mod jwt;
 pub mod principal;
@@ -60,7 +72,8 @@ pub use config::{
     AuthConfig, AuthMode, ConfigError, DpopMode, IssuerConfig, TenantClaim, TenantClaimKind,
 };
 pub use error::{AuthError, DpopError, Scheme};
-pub use jwks::{FetchError, FetchFuture, JwksFetcher, PlainHttpFetcher};
+pub use fetch::HttpsFetcher;
+pub use jwks::{FetchError, FetchFuture, JwksFetcher};
 pub use jwt::SigningAlg;
 pub use principal::{OrgNumbers, Principal, PurposeOfUse, TenantAccess};
 pub use scopes::{
@@ -69,6 +82,8 @@ pub use scopes::{
 
 use dpop::{ProofRules, ReplayCache, ReplayError};
 use error::clip;
+use fetch::HttpClient;
+use introspection::Introspector;
 use jwks::{KeySource, KeyStore};
 use jwt::Jws;
 use principal::ClaimRules;
@@ -81,7 +96,10 @@ struct Issuer {
     token_types: Vec<String>,
     dpop: DpopMode,
     skew: i64,
-    keys: KeyStore,
+    /// Signing keys, and what fetches them; `None` for an introspection-only issuer.
+    keys: Option<(KeyStore, Arc<dyn JwksFetcher>)>,
+    introspection: Option<Introspector>,
+    min_security_level: Option<u8>,
     rules: ClaimRules,
 }
 
@@ -89,10 +107,11 @@ struct Inner {
     mode: AuthMode,
     realm: String,
     issuers: Vec<Issuer>,
+    /// The issuer asked about opaque tokens (config validation allows one at most).
+    introspecting: Option<usize>,
     dpop_algorithms: Vec<SigningAlg>,
     dpop_max_age: i64,
     replay: ReplayCache,
-    fetcher: Arc<dyn JwksFetcher>,
 }
 
 /// Validates requests' credentials against the configured issuers. Cheap to clone (shared
@@ -128,38 +147,59 @@ fn unix_now() -> i64 {
 }
 
 impl Authenticator {
-    /// Builds an authenticator with the built-in [`PlainHttpFetcher`] for JWKS URLs (so only
-    /// `http://` loopback URLs and `jwks_file`s work; see [`Authenticator::with_fetcher`]).
+    /// Builds an authenticator with the built-in [`HttpsFetcher`] for JWKS URLs (HTTPS with
+    /// the system CA store plus each issuer's `jwks_ca_file`, or plain HTTP to loopback hosts),
+    /// reading introspection client secrets from the process environment.
     ///
-    /// JWKS files are read now, so a missing or unusable file fails start-up.
+    /// Nothing is fetched here: keys load on first use. JWKS files and CA files are read now,
+    /// so a missing or unusable file fails start-up, and so does a missing introspection
+    /// secret.
     pub fn new(config: AuthConfig) -> Result<Authenticator, ConfigError> {
-        let fetcher = PlainHttpFetcher {
-            timeout: Duration::from_secs(config.jwks_fetch_timeout_secs),
-        };
-        Authenticator::with_fetcher(config, Arc::new(fetcher))
+        Authenticator::build(config, None, &|name| std::env::var(name).ok())
     }
 
-    /// Builds an authenticator that fetches JWKS URLs with `fetcher`.
+    /// Builds an authenticator that fetches JWKS URLs with `fetcher` (an embedder's own HTTP
+    /// stack). Its trust roots are the fetcher's business: `jwks_ca_file` then only applies to
+    /// introspection, which always uses the built-in client.
     pub fn with_fetcher(
         config: AuthConfig,
         fetcher: Arc<dyn JwksFetcher>,
+    ) -> Result<Authenticator, ConfigError> {
+        Authenticator::build(config, Some(fetcher), &|name| std::env::var(name).ok())
+    }
+
+    /// Like [`Authenticator::new`], looking up the environment variables named by
+    /// `introspection_client_secret_env` through `secret` instead of the process environment
+    /// (for embedders with a secret store, and tests).
+    pub fn with_secrets(
+        config: AuthConfig,
+        secret: impl Fn(&str) -> Option<String>,
+    ) -> Result<Authenticator, ConfigError> {
+        Authenticator::build(config, None, &secret)
+    }
+
+    fn build(
+        config: AuthConfig,
+        fetcher: Option<Arc<dyn JwksFetcher>>,
+        secret: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Authenticator, ConfigError> {
         config.validate()?;
         let mut issuers = Vec::new();
         if config.mode == AuthMode::On {
             for (i, ic) in config.issuers.iter().enumerate() {
-                issuers.push(build_issuer(i, ic, &config, fetcher.as_ref())?);
+                issuers.push(build_issuer(i, ic, &config, fetcher.as_ref(), secret)?);
             }
         }
+        let introspecting = issuers.iter().position(|i| i.introspection.is_some());
         Ok(Authenticator {
             inner: Arc::new(Inner {
                 mode: config.mode,
                 realm: config.realm.clone(),
                 issuers,
+                introspecting,
                 dpop_algorithms: config.dpop_algorithms.clone(),
                 dpop_max_age: i64::try_from(config.dpop_max_age_secs).unwrap_or(i64::MAX),
                 replay: ReplayCache::new(config.dpop_replay_cache_entries),
-                fetcher,
             }),
         })
     }
@@ -172,11 +212,10 @@ impl Authenticator {
     /// Loads every issuer's keys now (fetching URLs), e.g. for a readiness check. Requests
     /// load keys on demand anyway.
     pub async fn preload_keys(&self) -> Result<(), AuthError> {
-        for iss in &self.inner.issuers {
+        for (keys, fetcher) in self.inner.issuers.iter().filter_map(|i| i.keys.as_ref()) {
             // No kid: loads the set if it was never loaded; "no key for this alg" is fine here.
-            match iss
-                .keys
-                .candidates(None, SigningAlg::RS256, self.inner.fetcher.as_ref())
+            match keys
+                .candidates(None, SigningAlg::RS256, fetcher.as_ref())
                 .await
             {
                 Ok(_) | Err(AuthError::UnknownKey(_)) => {}
@@ -212,62 +251,18 @@ impl Authenticator {
             return Ok(Principal::unrestricted());
         }
         let (scheme, token) = parse_authorization(headers)?;
-        let jws = Jws::parse(token).map_err(AuthError::MalformedToken)?;
-
-        let alg_text = jws.alg().map_err(AuthError::MalformedToken)?;
-        let alg: SigningAlg = alg_text
-            .parse()
-            .map_err(|_| AuthError::UnsupportedAlgorithm(clip(alg_text)))?;
-        if jws.header.contains_key("crit") {
-            // RFC 7515 §4.1.11: extensions we do not understand must not be ignored.
-            return Err(AuthError::MalformedToken(
-                "critical header parameters are not supported".into(),
-            ));
-        }
-        let iss = match jws.claims.get("iss") {
-            Some(Value::String(s)) => s.as_str(),
-            _ => return Err(AuthError::UnknownIssuer("(no iss claim)".into())),
-        };
-        let issuer = self
-            .inner
-            .issuers
-            .iter()
-            .find(|i| i.issuer == iss)
-            .ok_or_else(|| AuthError::UnknownIssuer(clip(iss)))?;
-        if !issuer.algorithms.contains(&alg) {
-            return Err(AuthError::UnsupportedAlgorithm(alg.to_string()));
-        }
-        match jws.header_str("typ").map_err(AuthError::MalformedToken)? {
-            None => return Err(AuthError::InvalidType("(none)".into())),
-            Some(t)
-                if !issuer
-                    .token_types
-                    .iter()
-                    .any(|want| dpop::media_type_is(t, want)) =>
-            {
-                return Err(AuthError::InvalidType(clip(t)));
+        let (issuer, claims) = match self.inner.introspecting {
+            Some(i) if !looks_like_jws(token) => {
+                let issuer = &self.inner.issuers[i];
+                (issuer, self.introspect(issuer, scheme, token, now).await?)
             }
-            Some(_) => {}
-        }
-        match (scheme, issuer.dpop) {
-            (Scheme::Bearer, DpopMode::Required) => return Err(AuthError::DpopRequired),
-            (Scheme::Dpop, DpopMode::Off) => return Err(AuthError::DpopNotAccepted),
-            _ => {}
-        }
+            _ => self.verify_jws(scheme, token).await?,
+        };
 
-        let kid = jws.header_str("kid").map_err(AuthError::MalformedToken)?;
-        let keys = issuer
-            .keys
-            .candidates(kid, alg, self.inner.fetcher.as_ref())
-            .await?;
-        if !keys.iter().any(|k| jws.verify(k, alg)) {
-            return Err(AuthError::InvalidSignature);
-        }
+        check_times(&claims, issuer.skew, now)?;
+        check_audience(&claims, &issuer.audiences)?;
 
-        check_times(&jws.claims, issuer.skew, now)?;
-        check_audience(&jws.claims, &issuer.audiences)?;
-
-        let bound_jkt = match jws.claims.get("cnf") {
+        let bound_jkt = match claims.get("cnf") {
             None | Some(Value::Null) => None,
             Some(Value::Object(cnf)) => match cnf.get("jkt") {
                 None => None,
@@ -310,7 +305,10 @@ impl Authenticator {
         };
 
         let jkt = proof.as_ref().map(|p| p.jkt.clone());
-        let principal = Principal::from_claims(jws.into_claims(), &issuer.rules, jkt)?;
+        let principal = Principal::from_claims(claims, &issuer.rules, jkt)?;
+        if let Some(min) = issuer.min_security_level {
+            check_security_level(&principal, min)?;
+        }
         // Recorded last, so that requests failing any other check do not fill the cache.
         if let Some(proof) = proof {
             dpop::commit(&self.inner.replay, &proof, now).map_err(|e| match e {
@@ -322,6 +320,89 @@ impl Authenticator {
             })?;
         }
         Ok(principal)
+    }
+
+    /// Checks a JWT up to its signature: shape, algorithm, issuer, type, scheme, key.
+    async fn verify_jws(
+        &self,
+        scheme: Scheme,
+        token: &str,
+    ) -> Result<(&Issuer, serde_json::Map<String, Value>), AuthError> {
+        let jws = Jws::parse(token).map_err(AuthError::MalformedToken)?;
+
+        let alg_text = jws.alg().map_err(AuthError::MalformedToken)?;
+        let alg: SigningAlg = alg_text
+            .parse()
+            .map_err(|_| AuthError::UnsupportedAlgorithm(clip(alg_text)))?;
+        if jws.header.contains_key("crit") {
+            // RFC 7515 §4.1.11: extensions we do not understand must not be ignored.
+            return Err(AuthError::MalformedToken(
+                "critical header parameters are not supported".into(),
+            ));
+        }
+        let iss = match jws.claims.get("iss") {
+            Some(Value::String(s)) => s.as_str(),
+            _ => return Err(AuthError::UnknownIssuer("(no iss claim)".into())),
+        };
+        let issuer = self
+            .inner
+            .issuers
+            .iter()
+            .find(|i| i.issuer == iss)
+            .ok_or_else(|| AuthError::UnknownIssuer(clip(iss)))?;
+        if !issuer.algorithms.contains(&alg) {
+            return Err(AuthError::UnsupportedAlgorithm(alg.to_string()));
+        }
+        match jws.header_str("typ").map_err(AuthError::MalformedToken)? {
+            None => return Err(AuthError::InvalidType("(none)".into())),
+            Some(t)
+                if !issuer
+                    .token_types
+                    .iter()
+                    .any(|want| dpop::media_type_is(t, want)) =>
+            {
+                return Err(AuthError::InvalidType(clip(t)));
+            }
+            Some(_) => {}
+        }
+        check_scheme(scheme, issuer.dpop)?;
+
+        let Some((store, fetcher)) = &issuer.keys else {
+            // An introspection-only issuer publishes no keys to check its JWTs with.
+            return Err(AuthError::UnknownKey(
+                "(the issuer has no JWKS configured)".into(),
+            ));
+        };
+        let kid = jws.header_str("kid").map_err(AuthError::MalformedToken)?;
+        let keys = store.candidates(kid, alg, fetcher.as_ref()).await?;
+        if !keys.iter().any(|k| jws.verify(k, alg)) {
+            return Err(AuthError::InvalidSignature);
+        }
+        Ok((issuer, jws.into_claims()))
+    }
+
+    /// Asks `issuer`'s introspection endpoint about an opaque token.
+    async fn introspect(
+        &self,
+        issuer: &Issuer,
+        scheme: Scheme,
+        token: &str,
+        now: i64,
+    ) -> Result<serde_json::Map<String, Value>, AuthError> {
+        if token.len() > jwt::MAX_JWS_LEN {
+            return Err(AuthError::MalformedToken(format!(
+                "longer than {} bytes",
+                jwt::MAX_JWS_LEN
+            )));
+        }
+        check_scheme(scheme, issuer.dpop)?;
+        let Some(introspector) = &issuer.introspection else {
+            return Err(AuthError::MalformedToken(
+                "expected three dot-separated parts (compact JWS)".into(),
+            ));
+        };
+        let claims = introspector.introspect(token, now).await?;
+        Ok(claims.as_ref().clone())
     }
 
     /// The `WWW-Authenticate` values for `err` (one header line each), fitting the
@@ -376,46 +457,118 @@ fn build_issuer(
     i: usize,
     ic: &IssuerConfig,
     config: &AuthConfig,
-    fetcher: &dyn JwksFetcher,
+    custom_fetcher: Option<&Arc<dyn JwksFetcher>>,
+    secret: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Issuer, ConfigError> {
     let key = |k: &str| format!("auth.issuer[{i}].{k}");
     let invalid = |k: &str, message: String| ConfigError::Invalid {
         key: key(k),
         message,
     };
-    let source = match (&ic.jwks_file, &ic.jwks_url) {
-        (Some(f), _) => KeySource::File(f.clone()),
-        (None, Some(u)) => {
+    let https = |u: &Option<String>| u.as_deref().is_some_and(|u| u.starts_with("https://"));
+    let builtin_jwks = custom_fetcher.is_none() && ic.jwks_file.is_none() && ic.jwks_url.is_some();
+    let http = if builtin_jwks || ic.introspection_url.is_some() {
+        let system_roots = https(&ic.introspection_url) || (builtin_jwks && https(&ic.jwks_url));
+        let timeout = Duration::from_secs(config.jwks_fetch_timeout_secs);
+        let client = HttpClient::new(timeout, ic.jwks_ca_file.as_deref(), system_roots);
+        Some(client.map_err(|m| {
+            let k = match (&ic.jwks_ca_file, builtin_jwks) {
+                (Some(_), _) => "jwks_ca_file",
+                (None, true) => "jwks_url",
+                (None, false) => "introspection_url",
+            };
+            invalid(k, m)
+        })?)
+    } else {
+        if let Some(f) = &ic.jwks_ca_file {
+            tracing::warn!(
+                issuer = %ic.issuer,
+                file = %f.display(),
+                "jwks_ca_file is not used: this issuer has no URL the built-in HTTPS client fetches"
+            );
+        }
+        None
+    };
+
+    let keys = match (&ic.jwks_file, &ic.jwks_url, custom_fetcher, &http) {
+        (Some(f), ..) => {
+            let store = KeyStore::new(
+                &ic.issuer,
+                KeySource::File(f.clone()),
+                Duration::from_secs(ic.jwks_cache_secs),
+                Duration::from_secs(ic.jwks_min_refresh_secs),
+            );
+            match store.load_file_now() {
+                Ok(0) => {
+                    return Err(invalid(
+                        "jwks_file",
+                        "the JWKS has no usable signing key".into(),
+                    ));
+                }
+                Ok(_) => {}
+                Err(e) => return Err(invalid("jwks_file", e)),
+            }
+            let none: Arc<dyn JwksFetcher> = Arc::new(FileOnly);
+            Some((store, none))
+        }
+        (None, Some(u), custom, http) => {
+            let fetcher: Arc<dyn JwksFetcher> = match (custom, http) {
+                (Some(f), _) => f.clone(),
+                (None, Some(h)) => Arc::new(HttpsFetcher::from_client(h.clone())),
+                (None, None) => {
+                    return Err(invalid("jwks_url", "no HTTP client was set up".into()));
+                }
+            };
             if u.starts_with("https://") && !fetcher.supports_https() {
                 return Err(invalid(
                     "jwks_url",
-                    "https:// needs a TLS-capable JwksFetcher (Authenticator::with_fetcher); \
-                     the built-in one speaks plain HTTP only"
+                    "https:// needs a TLS-capable JwksFetcher; the one given to \
+                     Authenticator::with_fetcher does not support it"
                         .into(),
                 ));
             }
-            KeySource::Url(u.clone())
+            let store = KeyStore::new(
+                &ic.issuer,
+                KeySource::Url(u.clone()),
+                Duration::from_secs(ic.jwks_cache_secs),
+                Duration::from_secs(ic.jwks_min_refresh_secs),
+            );
+            Some((store, fetcher))
         }
-        (None, None) => return Err(invalid("jwks_file", "give jwks_file or jwks_url".into())),
+        (None, None, ..) if ic.introspection_url.is_some() => None,
+        (None, None, ..) => {
+            return Err(invalid("jwks_file", "give jwks_file or jwks_url".into()));
+        }
     };
-    let keys = KeyStore::new(
-        &ic.issuer,
-        source,
-        Duration::from_secs(ic.jwks_cache_secs),
-        Duration::from_secs(ic.jwks_min_refresh_secs),
-    );
-    if matches!(keys.source(), KeySource::File(_)) {
-        match keys.load_file_now() {
-            Ok(0) => {
-                return Err(invalid(
-                    "jwks_file",
-                    "the JWKS has no usable signing key".into(),
-                ));
-            }
-            Ok(_) => {}
-            Err(e) => return Err(invalid("jwks_file", e)),
+
+    let introspection = match (&ic.introspection_url, &http) {
+        (Some(url), Some(http)) => {
+            let client_id = ic
+                .introspection_client_id
+                .as_deref()
+                .ok_or_else(|| invalid("introspection_client_id", "missing".into()))?;
+            let var = ic
+                .introspection_client_secret_env
+                .as_deref()
+                .ok_or_else(|| invalid("introspection_client_secret_env", "missing".into()))?;
+            let value = secret(var).filter(|v| !v.is_empty()).ok_or_else(|| {
+                invalid(
+                    "introspection_client_secret_env",
+                    format!("the environment variable {var} is not set or empty"),
+                )
+            })?;
+            Some(Introspector::new(
+                &ic.issuer,
+                url,
+                client_id,
+                value,
+                http.clone(),
+                ic.introspection_cache_secs,
+            ))
         }
-    }
+        _ => None,
+    };
+
     let mut scope_map = HashMap::new();
     for (from, to) in &ic.scope_map {
         let mut list = Vec::new();
@@ -453,6 +606,8 @@ fn build_issuer(
         dpop: ic.dpop,
         skew: i64::try_from(ic.clock_skew_secs).unwrap_or(i64::MAX),
         keys,
+        introspection,
+        min_security_level: ic.min_security_level,
         rules: ClaimRules {
             issuer: ic.issuer.clone(),
             smart_scopes: ic.smart_scopes,
@@ -461,6 +616,56 @@ fn build_issuer(
             org_tenants,
         },
     })
+}
+
+/// The fetcher of a `jwks_file` issuer, whose keys are read from disk: never asked.
+struct FileOnly;
+
+impl JwksFetcher for FileOnly {
+    fn fetch<'a>(&'a self, _url: &'a str) -> FetchFuture<'a> {
+        Box::pin(async { Err(FetchError("this issuer's keys come from a file".into())) })
+    }
+}
+
+/// Whether the scheme fits the issuer's `dpop` mode.
+fn check_scheme(scheme: Scheme, dpop: DpopMode) -> Result<(), AuthError> {
+    match (scheme, dpop) {
+        (Scheme::Bearer, DpopMode::Required) => Err(AuthError::DpopRequired),
+        (Scheme::Dpop, DpopMode::Off) => Err(AuthError::DpopNotAccepted),
+        _ => Ok(()),
+    }
+}
+
+/// A compact JWS has exactly three dot-separated parts; anything else is an opaque token (or
+/// garbage) for introspection.
+fn looks_like_jws(token: &str) -> bool {
+    token.bytes().filter(|b| *b == b'.').count() == 2
+}
+
+/// Whether the token speaks for a user. RFC 9068 §2.2: without a resource owner (client
+/// credentials) `sub` is absent or names the client itself; HelseID user tokens also carry the
+/// user's `pid`.
+fn has_user(p: &Principal) -> bool {
+    p.pid().is_some() || p.subject().is_some_and(|sub| Some(sub) != p.client_id())
+}
+
+/// HelseID `security_level` of a user's token against the issuer's minimum. A user token
+/// without a (numeric) level fails: the issuer must vouch for the strength, not the absence of
+/// a claim.
+fn check_security_level(p: &Principal, min: u8) -> Result<(), AuthError> {
+    if !has_user(p) {
+        return Ok(());
+    }
+    let level = p.security_level().and_then(|l| l.trim().parse::<u8>().ok());
+    match level {
+        Some(l) if l >= min => Ok(()),
+        Some(l) => Err(AuthError::InsufficientUserAuthentication(format!(
+            "security level {l}; at least {min} is required"
+        ))),
+        None => Err(AuthError::InsufficientUserAuthentication(format!(
+            "no security level in the token; at least {min} is required"
+        ))),
+    }
 }
 
 /// Splits `Authorization: <scheme> <token68>`.
