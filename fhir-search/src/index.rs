@@ -433,28 +433,34 @@ impl SearchIndex {
     /// after the index has caught up with every write before it, so N identical concurrent
     /// conditional creates create one resource. A concurrent plain write that makes another
     /// resource match is not excluded (as in other servers).
+    ///
+    /// The write goes through `store`: a handle of the index's own store, such as one from
+    /// [`Store::with_audit`] (whose audit records then commit with the write); a handle of
+    /// another store is refused.
     pub fn conditional_create(
         &self,
+        store: &Store,
         tenant: &TenantId,
         resource: Resource,
         criteria: &str,
     ) -> Result<WriteResult, SearchError> {
+        self.check_store(store)?;
         let ty = resource.resource_type();
         if let Ok(cond) = Condition::parse(criteria) {
-            return Ok(self.inner.store.create(tenant, resource, Some(&cond))?);
+            return Ok(store.create(tenant, resource, Some(&cond))?);
         }
         let _guard = self.inner.cond_lock(tenant, ty, criteria)?;
         let ids = self.find(tenant, ty, criteria)?;
         match ids.as_slice() {
-            [] => Ok(self.inner.store.create(tenant, resource, None)?),
-            [id] => match self.inner.store.read(tenant, ty, id)? {
+            [] => Ok(store.create(tenant, resource, None)?),
+            [id] => match store.read(tenant, ty, id)? {
                 ReadResult::Found(r) => Ok(WriteResult {
                     kind: WriteKind::Existing,
                     resource: r,
                     seq: None,
                 }),
                 // Deleted after the search: nothing matches any more.
-                _ => Ok(self.inner.store.create(tenant, resource, None)?),
+                _ => Ok(store.create(tenant, resource, None)?),
             },
             _ => Err(SearchError::MultipleMatches { count: ids.len() }),
         }
@@ -463,16 +469,17 @@ impl SearchIndex {
     /// Conditional update (`PUT Type?criteria`): updates the one match; with no match creates
     /// the resource (with the body's id if it has one); several matches:
     /// [`SearchError::MultipleMatches`]. Atomicity as for
-    /// [`conditional_create`](SearchIndex::conditional_create).
+    /// [`conditional_create`](SearchIndex::conditional_create), and so is `store`.
     pub fn conditional_update(
         &self,
+        store: &Store,
         tenant: &TenantId,
         criteria: &str,
         resource: Resource,
         if_match: Option<VersionId>,
     ) -> Result<WriteResult, SearchError> {
+        self.check_store(store)?;
         let ty = resource.resource_type();
-        let store = &self.inner.store;
         if let Ok(cond) = Condition::parse(criteria) {
             return Ok(store.conditional_update(tenant, ty, &cond, resource, if_match)?);
         }
@@ -510,14 +517,16 @@ impl SearchIndex {
     }
 
     /// Conditional delete (`DELETE Type?criteria`): deletes the one match; no match deletes
-    /// nothing; several: [`SearchError::MultipleMatches`].
+    /// nothing; several: [`SearchError::MultipleMatches`]. `store` as for
+    /// [`conditional_create`](SearchIndex::conditional_create).
     pub fn conditional_delete(
         &self,
+        store: &Store,
         tenant: &TenantId,
         ty: ResourceType,
         criteria: &str,
     ) -> Result<DeleteResult, SearchError> {
-        let store = &self.inner.store;
+        self.check_store(store)?;
         if let Ok(cond) = Condition::parse(criteria) {
             return Ok(store.conditional_delete(tenant, ty, &cond)?);
         }
@@ -532,6 +541,19 @@ impl SearchIndex {
             }),
             [id] => Ok(store.delete(tenant, ty, id, None)?),
             _ => Err(SearchError::MultipleMatches { count: ids.len() }),
+        }
+    }
+
+    /// Refuses a write handle of another store: the index would never see that write.
+    fn check_store(&self, store: &Store) -> Result<(), SearchError> {
+        if store.same_store(&self.inner.store) {
+            Ok(())
+        } else {
+            Err(StoreError::Backend(
+                "a conditional write must go through a handle of the search index's own store"
+                    .into(),
+            )
+            .into())
         }
     }
 

@@ -1,6 +1,9 @@
 //! The FHIR REST interactions on `/fhir/{tenant}`: create, read, vread, update, patch, delete
 //! (plain and conditional), batch and transaction Bundles, history at three levels, and
 //! capabilities.
+//!
+//! Every write goes through the [`AuditedStore`] extractor's handle, so that with auth on its
+//! AuditEvents are committed in the same store commit as the write (see [`crate::audit`]).
 
 use axum::Router;
 use axum::body::Body;
@@ -18,6 +21,7 @@ use fhir_store::{
 };
 
 use crate::AppState;
+use crate::audit::AuditedStore;
 use crate::bundle::{BundleBuilder, BundleResponse, Entry, EntryResponse};
 use crate::error::ApiError;
 use crate::format::{
@@ -317,17 +321,22 @@ async fn body_resource(
     Ok(resource)
 }
 
-async fn create(State(state): State<AppState>, ctx: Fhir, body: Body) -> Response {
+async fn create(
+    State(state): State<AppState>,
+    audited: AuditedStore,
+    ctx: Fhir,
+    body: Body,
+) -> Response {
     let r = async {
         let rt = ctx.resource_type()?;
         let resource = body_resource(&ctx, &state, body, rt).await?;
+        let store = audited.store();
         let result = match ctx.header(header::HeaderName::from_static("if-none-exist")) {
             Some(q) => {
                 let q = q.split_once('?').map_or(q, |(_, q)| q);
-                crate::search::conditional_create(&state, &ctx.tenant, resource, q).await?
+                crate::search::conditional_create(&state, store, &ctx.tenant, resource, q).await?
             }
             None => {
-                let store = state.store.clone();
                 let tenant = ctx.tenant.clone();
                 blocking(move || store.create(&tenant, resource, None)).await?
             }
@@ -428,7 +437,12 @@ async fn vread(State(state): State<AppState>, ctx: Fhir) -> Response {
     ctx.respond(r)
 }
 
-async fn update(State(state): State<AppState>, ctx: Fhir, body: Body) -> Response {
+async fn update(
+    State(state): State<AppState>,
+    audited: AuditedStore,
+    ctx: Fhir,
+    body: Body,
+) -> Response {
     let r = async {
         let rt = ctx.resource_type()?;
         let id = ctx.resource_id()?;
@@ -451,7 +465,7 @@ async fn update(State(state): State<AppState>, ctx: Fhir, body: Body) -> Respons
             }
         }
         let if_match = ctx.if_match()?;
-        let store = state.store.clone();
+        let store = audited.store();
         let tenant = ctx.tenant.clone();
         let result = blocking(move || store.update(&tenant, &id, resource, if_match)).await?;
         Ok(write_response(&ctx, &result))
@@ -461,7 +475,12 @@ async fn update(State(state): State<AppState>, ctx: Fhir, body: Body) -> Respons
 }
 
 /// `PATCH Type/id` with a JSON Patch (`application/json-patch+json`), honouring `If-Match`.
-async fn patch(State(state): State<AppState>, ctx: Fhir, body: Body) -> Response {
+async fn patch(
+    State(state): State<AppState>,
+    audited: AuditedStore,
+    ctx: Fhir,
+    body: Body,
+) -> Response {
     let r = async {
         let rt = ctx.resource_type()?;
         let id = ctx.resource_id()?;
@@ -480,7 +499,7 @@ async fn patch(State(state): State<AppState>, ctx: Fhir, body: Body) -> Response
         let bytes = read_body(body, &ctx.headers, state.config.max_body_bytes).await?;
         let patch = fhir_core::json::parse(&bytes).map_err(fhir_core::FhirError::from)?;
         let if_match = ctx.if_match()?;
-        let store = state.store.clone();
+        let store = audited.store();
         let tenant = ctx.tenant.clone();
         let result = blocking(move || store.patch(&tenant, rt, &id, patch, if_match)).await?;
         Ok(write_response(&ctx, &result))
@@ -491,7 +510,12 @@ async fn patch(State(state): State<AppState>, ctx: Fhir, body: Body) -> Response
 
 /// `POST /fhir/{tenant}` with a `batch` or `transaction` Bundle (JSON or XML). The work — parse,
 /// validate in parallel, one commit — is [`fhir_store::bundle::process`], on the blocking pool.
-async fn batch_or_transaction(State(state): State<AppState>, ctx: Fhir, body: Body) -> Response {
+async fn batch_or_transaction(
+    State(state): State<AppState>,
+    audited: AuditedStore,
+    ctx: Fhir,
+    body: Body,
+) -> Response {
     let r = async {
         let format = body_format(&ctx.headers)?;
         let bytes = read_body(body, &ctx.headers, state.config.max_bundle_bytes).await?;
@@ -506,7 +530,6 @@ async fn batch_or_transaction(State(state): State<AppState>, ctx: Fhir, body: Bo
             base_url: ctx.base.clone(),
             return_representation: ctx.prefer_return() != PreferReturn::Minimal,
         };
-        let store = state.store.clone();
         let tenant = ctx.tenant.clone();
         let response = tokio::task::spawn_blocking(move || {
             // Parsing a large Bundle is CPU work too: keep it off the async workers.
@@ -516,6 +539,13 @@ async fn batch_or_transaction(State(state): State<AppState>, ctx: Fhir, body: Bo
                 }
                 Format::Xml => fhir_core::xml::from_xml(&bytes)?,
             };
+            // Its AuditEvents say which of the two it was.
+            let kind = match tree.get("type").and_then(fhir_core::Json::as_str) {
+                Some("transaction") => Some("transaction"),
+                Some("batch") => Some("batch"),
+                _ => None,
+            };
+            let store = audited.store_as(kind);
             fhir_store::bundle::process(&store, &tenant, tree, &opts).map_err(ApiError::from)
         })
         .await
@@ -541,27 +571,39 @@ fn require_criteria(ctx: &Fhir, what: &str) -> Result<String, ApiError> {
     Ok(q)
 }
 
-async fn conditional_update(State(state): State<AppState>, ctx: Fhir, body: Body) -> Response {
+async fn conditional_update(
+    State(state): State<AppState>,
+    audited: AuditedStore,
+    ctx: Fhir,
+    body: Body,
+) -> Response {
     let r = async {
         let rt = ctx.resource_type()?;
         let criteria = require_criteria(&ctx, "update")?;
         let resource = body_resource(&ctx, &state, body, rt).await?;
         let if_match = ctx.if_match()?;
-        let result =
-            crate::search::conditional_update(&state, &ctx.tenant, &criteria, resource, if_match)
-                .await?;
+        let store = audited.store();
+        let result = crate::search::conditional_update(
+            &state,
+            store,
+            &ctx.tenant,
+            &criteria,
+            resource,
+            if_match,
+        )
+        .await?;
         Ok(write_response(&ctx, &result))
     }
     .await;
     ctx.respond(r)
 }
 
-async fn delete(State(state): State<AppState>, ctx: Fhir) -> Response {
+async fn delete(audited: AuditedStore, ctx: Fhir) -> Response {
     let r = async {
         let rt = ctx.resource_type()?;
         let id = ctx.resource_id()?;
         let if_match = ctx.if_match()?;
-        let store = state.store.clone();
+        let store = audited.store();
         let tenant = ctx.tenant.clone();
         let result = blocking(move || store.delete(&tenant, rt, &id, if_match)).await?;
         Ok(delete_response(&ctx, &result))
@@ -570,11 +612,17 @@ async fn delete(State(state): State<AppState>, ctx: Fhir) -> Response {
     ctx.respond(r)
 }
 
-async fn conditional_delete(State(state): State<AppState>, ctx: Fhir) -> Response {
+async fn conditional_delete(
+    State(state): State<AppState>,
+    audited: AuditedStore,
+    ctx: Fhir,
+) -> Response {
     let r = async {
         let rt = ctx.resource_type()?;
         let criteria = require_criteria(&ctx, "delete")?;
-        let result = crate::search::conditional_delete(&state, &ctx.tenant, rt, &criteria).await?;
+        let store = audited.store();
+        let result =
+            crate::search::conditional_delete(&state, store, &ctx.tenant, rt, &criteria).await?;
         Ok(delete_response(&ctx, &result))
     }
     .await;

@@ -14,7 +14,7 @@ use fhir_core::{
     IssueType, OperationOutcome, Resource, ResourceId, ResourceType, TenantId, VersionId,
 };
 use fhir_search::{EntryMode, Handling, Scope, SearchError, SearchResult};
-use fhir_store::{DeleteResult, WriteResult};
+use fhir_store::{DeleteResult, Store, WriteResult};
 
 use crate::AppState;
 use crate::bundle::{BundleBuilder, BundleResponse, Entry};
@@ -332,10 +332,14 @@ fn fail(ctx: &Fhir, e: ApiError) -> Response {
     e.into_response_as(ctx.neg.format, ctx.neg.pretty)
 }
 
-/// Conditional create on full search criteria (`If-None-Exist`); see
+// The conditional operations write through `store` (from `crate::audit::AuditedStore`), so
+// that the write carries the request's audit hook.
+
+/// Conditional create on full search criteria (`If-None-Exist`), writing as `store`; see
 /// [`fhir_search::SearchIndex::conditional_create`].
 pub async fn conditional_create(
     state: &AppState,
+    store: Store,
     tenant: &TenantId,
     resource: Resource,
     criteria: &str,
@@ -343,13 +347,14 @@ pub async fn conditional_create(
     let index = state.search.clone();
     let tenant = tenant.clone();
     let criteria = criteria.to_string();
-    blocking(move || index.conditional_create(&tenant, resource, &criteria)).await
+    blocking(move || index.conditional_create(&store, &tenant, resource, &criteria)).await
 }
 
-/// Conditional update on full search criteria; see
+/// Conditional update on full search criteria, writing as `store`; see
 /// [`fhir_search::SearchIndex::conditional_update`].
 pub async fn conditional_update(
     state: &AppState,
+    store: Store,
     tenant: &TenantId,
     criteria: &str,
     resource: Resource,
@@ -358,13 +363,14 @@ pub async fn conditional_update(
     let index = state.search.clone();
     let tenant = tenant.clone();
     let criteria = criteria.to_string();
-    blocking(move || index.conditional_update(&tenant, &criteria, resource, if_match)).await
+    blocking(move || index.conditional_update(&store, &tenant, &criteria, resource, if_match)).await
 }
 
-/// Conditional delete on full search criteria; see
+/// Conditional delete on full search criteria, writing as `store`; see
 /// [`fhir_search::SearchIndex::conditional_delete`].
 pub async fn conditional_delete(
     state: &AppState,
+    store: Store,
     tenant: &TenantId,
     ty: ResourceType,
     criteria: &str,
@@ -372,5 +378,5 @@ pub async fn conditional_delete(
     let index = state.search.clone();
     let tenant = tenant.clone();
     let criteria = criteria.to_string();
-    blocking(move || index.conditional_delete(&tenant, ty, &criteria)).await
+    blocking(move || index.conditional_delete(&store, &tenant, ty, &criteria)).await
 }

@@ -42,6 +42,14 @@
 //! the `writer::transaction` module). [`bundle::process`] turns a FHIR `batch` or `transaction`
 //! Bundle into either, validating its entries in parallel first.
 //!
+//! *The audit area.* Each tenant has an append-only area of access-log records
+//! (`D <t> a <time> <nonce>`, indexed by patient under `D <t> p <patient> <time> <nonce>`),
+//! which only removing the tenant deletes. A write request can carry an [`AuditHook`]
+//! ([`Store::with_audit`]): the writer calls it with what the request wrote (ids, versions,
+//! patient compartments) before the group commit and commits its records with the write, so a
+//! write and its record are durable together or not at all. [`Store::audit_page`] reads the area
+//! by patient and time, in pages, in either order.
+//!
 //! *Reads* go straight to the backend and see only committed, durable state.
 //!
 //! ```
@@ -74,6 +82,7 @@
 //! ```
 #![warn(missing_docs)]
 
+mod audit;
 pub mod bundle;
 mod condition;
 mod error;
@@ -92,6 +101,9 @@ use std::thread::JoinHandle;
 
 use fhir_core::{Json, Resource, ResourceId, ResourceType, TenantId, VersionId};
 
+pub use audit::{
+    AuditCursor, AuditHook, AuditPage, AuditQuery, AuditRecord, AuditedWrite, InvalidAuditCursor,
+};
 pub use condition::Condition;
 pub use error::StoreError;
 pub use types::{
@@ -106,24 +118,13 @@ use time::{format_micros, parse_instant};
 use view::{Committed, Source};
 use writer::{Answer, Job, Request};
 
-/// One access-log record for [`Store::append_audit`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AuditRecord {
-    /// When it happened (microseconds since the Unix epoch); orders the audit area.
-    pub micros: i64,
-    /// Random, so that records of the same microsecond do not overwrite each other.
-    pub nonce: u64,
-    /// The AuditEvent JSON.
-    pub json: Vec<u8>,
-    /// Ids of the patients whose data was accessed (indexed for `AuditEvent?patient=`).
-    pub patients: Vec<String>,
-}
-
 /// A handle to an open store. Cheap to clone; all clones share one backend and one writer
 /// thread, which stops when the last clone is dropped.
 #[derive(Clone)]
 pub struct Store {
     inner: Arc<Inner>,
+    /// The audit hook of a handle made by [`Store::with_audit`], for its next write request.
+    audit: Option<Arc<audit::HookSlot>>,
 }
 
 struct Inner {
@@ -188,6 +189,7 @@ impl Store {
                 tx: Some(tx),
                 writer: Some(handle),
             }),
+            audit: None,
         };
         // Finish tenant removals that a crash interrupted.
         for (k, v) in Committed(store.kv()).scan_prefix(&keys::tenants_prefix(), usize::MAX)? {
@@ -205,9 +207,16 @@ impl Store {
     }
 
     fn submit(&self, job: Job) -> Result<Answer, StoreError> {
+        // Only write requests carry an audit hook; tenant and audit jobs leave it for the next.
+        let audit = match &job {
+            Job::Write { .. } | Job::Transaction { .. } | Job::Batch { .. } => {
+                self.take_audit_hook()
+            }
+            _ => None,
+        };
         let (reply, answer) = mpsc::sync_channel(1);
         let tx = self.inner.tx.as_ref().ok_or(StoreError::Closed)?;
-        tx.send(Request { job, reply })
+        tx.send(Request { job, audit, reply })
             .map_err(|_| StoreError::Closed)?;
         answer.recv().map_err(|_| StoreError::Closed)?
     }
@@ -228,62 +237,6 @@ impl Store {
 
     fn submit_one(&self, t: &TenantId, op: WriteOp) -> Result<WriteOutcome, StoreError> {
         self.submit_write(t, vec![op])?.pop().ok_or_else(unexpected)
-    }
-
-    // ------------------------------------------------------------------ audit
-
-    /// Appends audit records to the tenant's audit area, durably (in the writer's next group
-    /// commit). There is no way to change or delete them except removing the tenant.
-    pub fn append_audit(&self, t: &TenantId, records: Vec<AuditRecord>) -> Result<(), StoreError> {
-        if records.is_empty() {
-            return Ok(());
-        }
-        match self.submit(Job::Audit {
-            tenant: t.clone(),
-            records,
-        })? {
-            Answer::Flag(_) => Ok(()),
-            _ => Err(unexpected()),
-        }
-    }
-
-    /// Audit records (JSON) with `from_micros <= time < to_micros`, of one patient if given,
-    /// oldest first, at most `limit`.
-    pub fn audit_records(
-        &self,
-        t: &TenantId,
-        patient: Option<&str>,
-        from_micros: i64,
-        to_micros: i64,
-        limit: usize,
-    ) -> Result<Vec<Vec<u8>>, StoreError> {
-        let src = Committed(self.kv());
-        src.require_tenant(t)?;
-        let bound = |prefix: &[u8], micros: i64| {
-            let mut k = prefix.to_vec();
-            k.extend_from_slice(&u64::try_from(micros).unwrap_or(0).to_be_bytes());
-            k
-        };
-        let prefix = match patient {
-            Some(p) => keys::audit_patient_prefix(t, p),
-            None => keys::audit_prefix(t),
-        };
-        let (start, end) = (bound(&prefix, from_micros), bound(&prefix, to_micros));
-        let pairs = src.scan(&start, Some(&end), Direction::Forward, limit)?;
-        let mut out = Vec::with_capacity(pairs.len());
-        for (k, v) in pairs {
-            match patient {
-                None => out.push(v),
-                Some(_) => {
-                    let mut key = keys::audit_prefix(t);
-                    key.extend_from_slice(&k[prefix.len()..]);
-                    if let Some(v) = src.get(&key)? {
-                        out.push(v);
-                    }
-                }
-            }
-        }
-        Ok(out)
     }
 
     // ------------------------------------------------------------------ tenants

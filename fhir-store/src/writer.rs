@@ -13,6 +13,13 @@
 //! A *batch* request is a list of units, each applied like a request of its own (its own layer,
 //! its own answer) but committed with the rest of the group. A FHIR *transaction* is one unit:
 //! see [`transaction`].
+//!
+//! A write request may carry an [`AuditHook`]. Once the request has succeeded in its layer, the
+//! writer computes the patient compartment of every resource written (from the tree it has at
+//! hand, so nothing is parsed again), calls the hook, and puts the audit records it returns into
+//! the same layer, so they are committed with the write or not at all. For a batch, whose
+//! entries are merged into the group one by one, the writer keeps an undo log of the keys they
+//! replaced, and rolls the entries back if the hook fails.
 
 mod transaction;
 
@@ -22,8 +29,10 @@ use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::thread::JoinHandle;
 
+use fhir_core::search_param::SearchParamRegistry;
 use fhir_core::{Json, Resource, ResourceId, ResourceType, TenantId, VersionId};
 
+use crate::audit::{AuditHook, AuditRecord, AuditedWrite, record_keys};
 use crate::condition::{Condition, find};
 use crate::error::StoreError;
 use crate::keys::{self, ChangeRecord, IndexedIdentifier, Pointer, TenantRecord, VersionRecord};
@@ -67,10 +76,10 @@ pub(crate) enum Job {
         tenant: TenantId,
         entries: Vec<TxEntry>,
     },
-    /// Append audit records: `(key suffix after D <t> a, JSON, patients)`.
+    /// Append audit records (`D <t> a …` and their `D <t> p …` index entries).
     Audit {
         tenant: TenantId,
-        records: Vec<crate::AuditRecord>,
+        records: Vec<AuditRecord>,
     },
     /// Each entry on its own (as a one-entry transaction), all in this group's commit.
     Batch {
@@ -86,10 +95,31 @@ pub(crate) enum Answer {
     Batch(Vec<Result<WriteOutcome, StoreError>>),
 }
 
+impl Job {
+    /// The tenant whose resources a write job changes.
+    fn write_tenant(&self) -> Option<&TenantId> {
+        match self {
+            Job::Write { tenant, .. }
+            | Job::Transaction { tenant, .. }
+            | Job::Batch { tenant, .. } => Some(tenant),
+            _ => None,
+        }
+    }
+}
+
 pub(crate) struct Request {
     pub job: Job,
+    /// Run when a write job succeeded, before the commit (see the module docs).
+    pub audit: Option<AuditHook>,
     pub reply: SyncSender<Result<Answer, StoreError>>,
 }
+
+/// The patient compartments of the versions a request wrote, for its audit hook.
+type Compartments = HashMap<(ResourceType, ResourceId, VersionId), Vec<String>>;
+
+/// Keys a batch entry replaced in the group overlay, with what they held before (`None`: the
+/// key was not in the overlay), so that the entry can be taken out again.
+type Undo = Vec<(Vec<u8>, Option<Option<Vec<u8>>>)>;
 
 /// What the writer remembers per tenant between requests, so that it need not read the change
 /// log for every write.
@@ -146,10 +176,13 @@ impl Writer {
         let mut overlay = Overlay::new();
         let mut answers = Vec::with_capacity(requests.len());
         let mut replies = Vec::with_capacity(requests.len());
-        for Request { job, reply } in requests {
+        for Request { job, audit, reply } in requests {
             let result = match job {
-                Job::Batch { tenant, entries } => self.batch(&mut overlay, tenant, entries),
-                job => self.unit(&mut overlay, job),
+                Job::Batch { tenant, entries } => self.batch(&mut overlay, tenant, entries, audit),
+                job => {
+                    let audit = audit.map_or(UnitAudit::Off, UnitAudit::Hook);
+                    self.unit(&mut overlay, job, audit, None)
+                }
             };
             answers.push(result);
             replies.push(reply);
@@ -187,17 +220,41 @@ impl Writer {
     }
 
     /// Applies one unit of work in its own layer over `overlay`; merges the layer into it only
-    /// if the unit succeeds, so that a failed unit leaves no trace.
-    fn unit(&mut self, overlay: &mut Overlay, job: Job) -> Result<Answer, StoreError> {
+    /// if the unit (and its audit hook, if any) succeeds, so that a failed unit leaves no trace.
+    /// With `undo`, records what the merge replaced.
+    fn unit(
+        &mut self,
+        overlay: &mut Overlay,
+        job: Job,
+        audit: UnitAudit<'_>,
+        undo: Option<&mut Undo>,
+    ) -> Result<Answer, StoreError> {
+        let tenant = job.write_tenant().cloned();
+        let (hook, collect) = match audit {
+            UnitAudit::Off => (None, None),
+            UnitAudit::Hook(h) => (Some(h), None),
+            UnitAudit::Collect(c) => (None, Some(c)),
+        };
         let mut ctx = Ctx {
             view: View::new(self.kv.as_ref(), overlay),
             tenants: &self.tenants,
             new_state: None,
             evict: None,
+            compartments: (hook.is_some() || collect.is_some()).then(Compartments::new),
         };
         // Bad input must never take the writer down; a bug turns into an error for the one
-        // unit that hit it.
-        let result = catch_unwind(AssertUnwindSafe(|| ctx.apply(job))).unwrap_or_else(|p| {
+        // unit that hit it. The audit hook runs inside too: if it fails, so does the unit.
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            let answer = ctx.apply(job)?;
+            if let (Some(hook), Some(t), Answer::Outcomes(outcomes)) = (hook, &tenant, &answer) {
+                let compartments = ctx.compartments.take().unwrap_or_default();
+                let records =
+                    run_hook(&ctx.view, t, hook, outcomes.iter().collect(), &compartments)?;
+                ctx.put_audit(t, records);
+            }
+            Ok(answer)
+        }))
+        .unwrap_or_else(|p| {
             let msg = panic_message(p.as_ref());
             tracing::error!(panic = %msg, "fhir-store writer: a request panicked");
             Err(StoreError::Backend(format!("internal error: {msg}")))
@@ -207,10 +264,22 @@ impl Writer {
                 view,
                 new_state,
                 evict,
+                compartments,
                 ..
             } = ctx;
+            if let (Some(collect), Some(c)) = (collect, compartments) {
+                collect.extend(c);
+            }
             let local = view.into_local();
-            overlay.extend(local);
+            match undo {
+                Some(undo) => {
+                    for (k, v) in local {
+                        let before = overlay.insert(k.clone(), v);
+                        undo.push((k, before));
+                    }
+                }
+                None => overlay.extend(local),
+            }
             if let Some(t) = evict {
                 self.tenants.remove(&t);
             }
@@ -221,29 +290,141 @@ impl Writer {
         result
     }
 
-    /// Each entry as its own unit (a one-entry transaction), answered one by one.
+    /// Each entry as its own unit (a one-entry transaction), answered one by one; then the
+    /// audit hook, if any, with the entries that succeeded.
     fn batch(
         &mut self,
         overlay: &mut Overlay,
         tenant: TenantId,
         entries: Vec<TxEntry>,
+        audit: Option<AuditHook>,
     ) -> Result<Answer, StoreError> {
         View::new(self.kv.as_ref(), overlay).require_tenant(&tenant)?;
+        let mut undo = audit.as_ref().map(|_| Undo::new());
+        let mut compartments = Compartments::new();
         let mut results = Vec::with_capacity(entries.len());
         for entry in entries {
             let job = Job::Transaction {
                 tenant: tenant.clone(),
                 entries: vec![entry],
             };
-            results.push(match self.unit(overlay, job) {
+            let result = match &mut undo {
+                Some(undo) => self.unit(
+                    overlay,
+                    job,
+                    UnitAudit::Collect(&mut compartments),
+                    Some(undo),
+                ),
+                None => self.unit(overlay, job, UnitAudit::Off, None),
+            };
+            results.push(match result {
                 Ok(Answer::Outcomes(mut o)) => o.pop().ok_or_else(crate::unexpected),
                 Ok(_) => Err(crate::unexpected()),
                 Err(StoreError::TransactionFailed { source, .. }) => Err(*source),
                 Err(e) => Err(e),
             });
         }
+        if let (Some(hook), Some(undo)) = (audit, undo) {
+            let done: Vec<&WriteOutcome> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+            let mut view = View::new(self.kv.as_ref(), overlay);
+            let hooked = catch_unwind(AssertUnwindSafe(|| {
+                run_hook(&view, &tenant, hook, done, &compartments)
+            }))
+            .unwrap_or_else(|p| {
+                let msg = panic_message(p.as_ref());
+                tracing::error!(panic = %msg, "fhir-store writer: an audit hook panicked");
+                Err(StoreError::Backend(format!("internal error: {msg}")))
+            });
+            match hooked {
+                Ok(records) => {
+                    for (k, v) in record_keys(&tenant, records) {
+                        view.put(k, v);
+                    }
+                    let local = view.into_local();
+                    overlay.extend(local);
+                }
+                Err(e) => {
+                    // No write without its record: take the entries out again, newest first.
+                    for (k, before) in undo.into_iter().rev() {
+                        match before {
+                            Some(v) => overlay.insert(k, v),
+                            None => overlay.remove(&k),
+                        };
+                    }
+                    // Its cached sequence number counts the entries just taken out.
+                    self.tenants.remove(&tenant);
+                    return Err(e);
+                }
+            }
+        }
         Ok(Answer::Batch(results))
     }
+}
+
+/// What a unit does for the audit trail.
+enum UnitAudit<'a> {
+    /// Nothing.
+    Off,
+    /// Run this hook when the unit succeeded.
+    Hook(AuditHook),
+    /// Keep the compartments of what it wrote here: a batch entry, whose batch runs the hook.
+    Collect(&'a mut Compartments),
+}
+
+/// The (type, id, version) an outcome wrote, if it wrote anything.
+fn version_key(o: &WriteOutcome) -> Option<(ResourceType, ResourceId, VersionId)> {
+    match o {
+        WriteOutcome::Write(w) if w.seq.is_some() => Some((
+            w.resource.resource_type,
+            w.resource.id.clone(),
+            w.resource.version,
+        )),
+        WriteOutcome::Delete(d) => Some((d.resource_type, d.id.clone()?, d.version?)),
+        WriteOutcome::Write(_) => None,
+    }
+}
+
+/// The patient compartment of a stored version's JSON.
+fn compartment_of(json: &[u8]) -> Vec<String> {
+    fhir_core::json::parse(json)
+        .ok()
+        .and_then(|t| {
+            t.as_object()
+                .map(|m| SearchParamRegistry::r4().patient_compartment(m))
+        })
+        .unwrap_or_default()
+}
+
+/// Calls `hook` with the request's outcomes and their patients: from `compartments` for the
+/// versions the request wrote, else (an existing resource matched by a conditional create)
+/// from the stored JSON.
+fn run_hook(
+    view: &View<'_>,
+    t: &TenantId,
+    hook: AuditHook,
+    outcomes: Vec<&WriteOutcome>,
+    compartments: &Compartments,
+) -> Result<Vec<AuditRecord>, StoreError> {
+    let mut found: Vec<Vec<String>> = Vec::with_capacity(outcomes.len());
+    for o in &outcomes {
+        let patients = match version_key(o).and_then(|k| compartments.get(&k)) {
+            Some(p) => p.clone(),
+            None => match o {
+                WriteOutcome::Write(w) => compartment_of(&w.resource.json),
+                // A delete that deleted nothing is about no stored content.
+                WriteOutcome::Delete(_) => Vec::new(),
+            },
+        };
+        found.push(patients);
+    }
+    let writes: Vec<AuditedWrite<'_>> = outcomes
+        .into_iter()
+        .zip(&found)
+        .map(|(outcome, patients)| AuditedWrite { outcome, patients })
+        .collect();
+    // The tenant exists: the request that ran before checked it in this view.
+    view.require_tenant(t)?;
+    Ok(hook(&writes))
 }
 
 /// One request's work: its view and the tenant-state changes to keep if it succeeds.
@@ -252,6 +433,8 @@ struct Ctx<'a> {
     tenants: &'a HashMap<TenantId, TenantState>,
     new_state: Option<(TenantId, TenantState)>,
     evict: Option<TenantId>,
+    /// The patient compartments of the versions written, when the request is audited.
+    compartments: Option<Compartments>,
 }
 
 impl Ctx<'_> {
@@ -266,22 +449,17 @@ impl Ctx<'_> {
             }
             Job::Audit { tenant, records } => {
                 self.view.require_tenant(&tenant)?;
-                for r in records {
-                    let mut suffix = r.micros.to_be_bytes().to_vec();
-                    suffix.extend_from_slice(&r.nonce.to_be_bytes());
-                    let mut key = keys::audit_prefix(&tenant);
-                    key.extend_from_slice(&suffix);
-                    self.view.put(key, r.json);
-                    for p in &r.patients {
-                        let mut k = keys::audit_patient_prefix(&tenant, p);
-                        k.extend_from_slice(&suffix);
-                        self.view.put(k, Vec::new());
-                    }
-                }
+                self.put_audit(&tenant, records);
                 Ok(Answer::Flag(true))
             }
             // Split into units by `Writer::process`; never applied as one.
             Job::Batch { .. } => Err(crate::unexpected()),
+        }
+    }
+
+    fn put_audit(&mut self, t: &TenantId, records: Vec<AuditRecord>) {
+        for (k, v) in record_keys(t, records) {
+            self.view.put(k, v);
         }
     }
 
@@ -393,6 +571,7 @@ impl Ctx<'_> {
             t: &t,
             st,
             now,
+            compartments: self.compartments.as_mut(),
         };
         let r = f(&mut tx)?;
         let st = tx.st;
@@ -407,6 +586,8 @@ struct Tx<'c, 'a> {
     t: &'c TenantId,
     st: TenantState,
     now: i64,
+    /// Where to note the patient compartment of each version written (audited requests).
+    compartments: Option<&'c mut Compartments>,
 }
 
 fn check_if_match(expected: Option<VersionId>, prev: Option<&Pointer>) -> Result<(), StoreError> {
@@ -742,9 +923,24 @@ impl Tx<'_, '_> {
             Some(mut r) => {
                 r.set_id(id);
                 r.set_meta(version, &last_updated);
+                if let Some(c) = self.compartments.as_deref_mut() {
+                    // From the tree at hand: the JSON need not be parsed again for the audit.
+                    let patients = SearchParamRegistry::r4().patient_compartment(r.json());
+                    c.insert((ty, id.clone(), version), patients);
+                }
                 (r.to_json_bytes(), indexed_identifiers(&r))
             }
-            None => (Vec::new(), Vec::new()),
+            None => {
+                if let (Some(c), Some(p)) = (self.compartments.as_deref_mut(), &prev) {
+                    // A deletion is about the patients of the content it deletes.
+                    let patients = match self.view.version(t, ty, id, p.version)? {
+                        Some(old) => compartment_of(&old.json),
+                        None => Vec::new(),
+                    };
+                    c.insert((ty, id.clone(), version), patients);
+                }
+                (Vec::new(), Vec::new())
+            }
         };
         let old: BTreeSet<&IndexedIdentifier> = match &prev {
             Some(p) if !p.deleted => p.identifiers.iter().collect(),

@@ -3,6 +3,9 @@
 //! store and checks that every acknowledged write is there and that nothing is half-written.
 //!
 //! This covers a process crash (`kill -9`), not a power loss: the OS page cache survives.
+//!
+//! Half of the writer threads attach an audit hook to every write ([`Store::with_audit`]); after
+//! each crash, the audit records and those threads' committed changes must match one to one.
 
 #[macro_use]
 mod common;
@@ -16,7 +19,10 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use fhir_core::{ResourceId, ResourceType, VersionId};
-use fhir_store::{Backend, Condition, Method, ReadResult, WriteKind};
+use fhir_store::{
+    AuditHook, AuditRecord, AuditedWrite, Backend, Condition, Method, ReadResult, Store, WriteKind,
+    WriteOutcome,
+};
 
 const DIR_ENV: &str = "FHIR_STORE_CRASH_CHILD_DIR";
 const BACKEND_ENV: &str = "FHIR_STORE_CRASH_CHILD_BACKEND";
@@ -43,7 +49,16 @@ fn crash_child() {
             let (store, t) = (store.clone(), t.clone());
             thread::spawn(move || {
                 let mut own: Option<ResourceId> = None;
+                // Even threads audit every write, in the write's own commit.
+                let handle = |store: &Store| {
+                    if k % 2 == 0 {
+                        store.with_audit(audit_hook())
+                    } else {
+                        store.clone()
+                    }
+                };
                 for i in 0u64.. {
+                    let store = handle(&store);
                     // Unique across the crash rounds, which share one store.
                     let marker = format!("p{}t{k}-{i}", std::process::id());
                     // Creates (some conditional), updates of one resource per thread, and
@@ -83,6 +98,32 @@ fn crash_child() {
     for h in handles {
         let _ = h.join();
     }
+}
+
+/// The record of an audited write: `id/version`.
+fn audit_hook() -> AuditHook {
+    Box::new(|writes: &[AuditedWrite<'_>]| {
+        writes
+            .iter()
+            .filter_map(|w| match w.outcome {
+                WriteOutcome::Write(r) if r.seq.is_some() => {
+                    Some(format!("{}/{}", r.resource.id, r.resource.version))
+                }
+                WriteOutcome::Delete(d) => Some(format!("{}/{}", d.id.as_ref()?, d.version?)),
+                WriteOutcome::Write(_) => None,
+            })
+            .map(|what| AuditRecord {
+                micros: 1,
+                nonce: u64::from_be_bytes(
+                    uuid::Uuid::new_v4().as_bytes()[..8]
+                        .try_into()
+                        .unwrap_or([0; 8]),
+                ),
+                json: what.into_bytes(),
+                patients: Vec::new(),
+            })
+            .collect()
+    })
 }
 
 struct Ack {
@@ -251,6 +292,31 @@ fn check_store(dir: &std::path::Path, backend: Backend, backend_name: &str, acks
         };
         assert_eq!(hits == vec![a.id.clone()], live_with_marker, "{}", a.marker);
     }
+    // Every change of an audited thread has its audit record, and every record its change.
+    let audited_thread = |id: &ResourceId| match store.vread(&t, ty, id, VersionId(1)).unwrap() {
+        ReadResult::Found(r) => {
+            let json = text(&r.json);
+            (0..WRITER_THREADS)
+                .step_by(2)
+                .any(|k| json.contains(&format!("t{k}-")))
+        }
+        _ => panic!("{id} has no first version"),
+    };
+    let mut audited: Vec<String> = changes
+        .iter()
+        .filter(|c| audited_thread(&c.id))
+        .map(|c| format!("{}/{}", c.id, c.version))
+        .collect();
+    let mut records: Vec<String> = store
+        .audit_records(&t, None, 0, i64::MAX, usize::MAX)
+        .unwrap()
+        .iter()
+        .map(|r| text(r))
+        .collect();
+    audited.sort();
+    records.sort();
+    assert!(!records.is_empty());
+    assert_eq!(records, audited, "audit records and audited changes differ");
     // And the store goes on from there.
     let w = store.create(&t, plain_obs("1"), None).unwrap();
     assert_eq!(w.seq, Some(last + 1));

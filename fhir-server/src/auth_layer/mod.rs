@@ -12,22 +12,31 @@
 //! 4. The SMART scope of the interaction (per Bundle entry for `batch`/`transaction`): 403 with
 //!    an OperationOutcome when no granted scope allows it.
 //! 5. Restricted access (a `patient/` scope, or scope filters such as `?category=…`):
-//!    * type searches run as a Patient-compartment search (a `Patient` search gets
-//!      `_id=<patient>`), scope filters are added as criteria, and `_include`/`_revinclude`
-//!      results outside the compartment are dropped from the page;
-//!    * read, vread, instance history, update, delete are allowed only when the current
-//!      resource is in the compartment (otherwise the same 404 as a missing resource);
-//!    * create and update must keep the new content in the compartment (JSON bodies);
-//!    * anything else (system/type history, system search, patch, conditional writes,
-//!      Bundles, XML output, several restricted scopes at once, filters on non-search
-//!      interactions) is refused with 403, because it cannot be limited soundly here.
-//! 6. Bundles: every entry needs an unrestricted scope for its interaction; a transaction with
-//!    a refused entry is refused whole (403), a batch runs its other entries and answers the
-//!    refused ones with a `403` entry (the batch-response is then JSON).
+//!    everything returned, tested or written must be in the patient's compartment, and what is
+//!    outside gets the 404 of a missing resource. Type searches (`GET`, and `POST _search` with
+//!    its form merged into the query) run as Patient-compartment searches with the scope
+//!    filters added, `_include`/`_revinclude` results outside are dropped, chains into
+//!    `Patient` and `_has` on `Patient` are evaluated pinned to the patient; read and vread
+//!    check the version they return; instance, type and system history drop the entries
+//!    outside (pages may be short); create, update and patch must keep the resource in the
+//!    compartment and are pinned (`If-Match`) to the version checked; XML output is converted
+//!    from the filtered JSON. Refused with 403: system search, other chains and `_has`,
+//!    conditional writes, several restricted scopes at once, filters on non-search
+//!    interactions. The rules, and why they are safe, are in the docs of
+//!    `auth_layer/restricted.rs`.
+//! 6. Bundles: every entry needs a scope for its interaction; under a patient restriction
+//!    write entries follow the rules of point 5 (`auth_layer/bundle.rs`), other entries are
+//!    refused. A transaction with a refused entry is refused whole (403, or the 404/412 the
+//!    single request would get; nothing is written), a batch runs its other entries and
+//!    answers each refused one with its status (the batch-response is then JSON).
 //!
 //! Every FHIR data request and every refused attempt is then recorded in the access log
-//! ([`crate::audit`]); `GET …/AuditEvent?…` is answered from that log, for auditors only, and
-//! REST writes of `AuditEvent` get 405.
+//! ([`crate::audit`]): the layer hands each authenticated request an
+//! [`AuditTicket`] in its extensions, through which a write commits
+//! its AuditEvents together with the write; everything else (failures, reads, searches, with the
+//! patients of what they returned) the layer records itself once the response is known.
+//! `GET …/AuditEvent?…` is answered from that log, for auditors only (and logged as well), and
+//! REST writes of `AuditEvent` get 405. Admin API calls are logged too (target `audit`).
 //!
 //! With auth off (`--no-auth`) the layer lets everything through unchanged (and logs nothing).
 
@@ -36,11 +45,10 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use fhir_core::json::{self};
-use fhir_core::search_param::SearchParamRegistry;
 use fhir_core::{Issue, IssueType, TenantId};
 
 use crate::AppState;
+use crate::audit::{AuditTicket, Returned};
 use crate::auth::{Access, AuthError, AuthMode, Interaction, Principal};
 use crate::error::ApiError;
 
@@ -197,60 +205,117 @@ pub async fn authorize(State(state): State<AppState>, req: Request, next: Next) 
     }
     let mut log = AuditCtx::default();
     let resp = check(&state, req, next, &mut log).await;
-    if let (Some(tenant), Some(mut access)) = (log.tenant, log.access) {
-        access.status = resp.status().as_u16();
-        let (resp, patients) = if log.inspect && resp.status().is_success() {
-            patients_of_response(resp).await
-        } else {
-            (resp, Vec::new())
-        };
-        for p in patients {
-            if !access.patients.contains(&p) {
-                access.patients.push(p);
-            }
-        }
-        let wait = !matches!(access.method, Method::GET | Method::HEAD);
-        crate::audit::record(&state, &tenant, log.principal.as_ref(), access, wait).await;
-        return resp;
+    if let Some(call) = log.admin.take() {
+        return admin_logged(&state, log.principal.as_ref(), call, resp).await;
     }
+    let (Some(tenant), Some(mut access)) = (log.tenant, log.access) else {
+        return resp;
+    };
+    let status = resp.status();
+    access.status = status.as_u16();
+    let recorded = log.ticket.as_ref().is_some_and(AuditTicket::recorded);
+    // Writes are logged before the response goes out (durable like the write); reads after.
+    let wait = !matches!(access.method, Method::GET | Method::HEAD);
+    let principal = log.principal.as_ref();
+    match log.returned {
+        // The write's AuditEvents were committed with it.
+        _ if status.is_success() && recorded && log.returned != Some(Returned::BundleResponse) => {
+            resp
+        }
+        Some(what) if status.is_success() => {
+            let (resp, body) = share_body(resp).await;
+            let xml = resp
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.contains("xml"));
+            let body = crate::audit::ResponseBody {
+                bytes: body,
+                xml,
+                what,
+                writes_recorded: recorded,
+            };
+            crate::audit::record_returned(&state, &tenant, principal, access, body, wait).await;
+            resp
+        }
+        _ => {
+            crate::audit::record(&state, &tenant, principal, access, wait).await;
+            resp
+        }
+    }
+}
+
+/// The response with its body in memory, and the body's bytes (shared, not copied).
+async fn share_body(resp: Response) -> (Response, axum::body::Bytes) {
+    let (parts, body) = resp.into_parts();
+    match axum::body::to_bytes(body, usize::MAX).await {
+        Ok(bytes) => (
+            Response::from_parts(parts, Body::from(bytes.clone())),
+            bytes,
+        ),
+        Err(_) => (
+            ApiError::Internal("cannot read the response".into()).into_response(),
+            axum::body::Bytes::new(),
+        ),
+    }
+}
+
+/// An admin API call, for its log entry.
+struct AdminCall {
+    method: Method,
+    path: String,
+    /// The tenant the path names (`/admin/tenants/{id}`).
+    tenant: Option<TenantId>,
+}
+
+/// Logs an admin call (see [`crate::audit::record_admin`]) once its response is known.
+async fn admin_logged(
+    state: &AppState,
+    principal: Option<&Principal>,
+    call: AdminCall,
+    resp: Response,
+) -> Response {
+    let status = resp.status();
+    let mut tenant = call.tenant;
+    let resp = if call.method == Method::POST && status == StatusCode::CREATED {
+        // The created tenant is named in the response.
+        let (resp, body) = share_body(resp).await;
+        tenant = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v.get("id").and_then(|i| i.as_str()).map(str::to_string))
+            .and_then(|id| TenantId::new(&id).ok());
+        resp
+    } else {
+        resp
+    };
+    if call.method == Method::DELETE && status.is_success() {
+        // Its audit area went with it.
+        tenant = None;
+    }
+    crate::audit::record_admin(
+        state,
+        principal,
+        &call.method,
+        &call.path,
+        tenant,
+        status.as_u16(),
+    )
+    .await;
     resp
 }
 
-/// What [`check`] learnt about a request, for its AuditEvent.
+/// What [`check`] learnt about a request, for its AuditEvents.
 #[derive(Default)]
 struct AuditCtx {
     tenant: Option<TenantId>,
     principal: Option<Principal>,
     access: Option<crate::audit::Access>,
-    /// Read the patients from the (single-resource) response.
-    inspect: bool,
-}
-
-/// Patients whose compartment holds the JSON resource of a response.
-async fn patients_of_response(resp: Response) -> (Response, Vec<String>) {
-    let json = resp
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.contains("json"));
-    if !json {
-        return (resp, Vec::new());
-    }
-    let (parts, body) = resp.into_parts();
-    let Ok(bytes) = axum::body::to_bytes(body, usize::MAX).await else {
-        return (
-            ApiError::Internal("cannot read the response".into()).into_response(),
-            Vec::new(),
-        );
-    };
-    let patients = json::parse(&bytes)
-        .ok()
-        .and_then(|t| {
-            t.as_object()
-                .map(|m| SearchParamRegistry::r4().patient_compartment(m))
-        })
-        .unwrap_or_default();
-    (Response::from_parts(parts, Body::from(bytes)), patients)
+    /// What a successful response returns, to read the patients from (off the request path).
+    returned: Option<Returned>,
+    /// The ticket handed to the handlers, to learn whether a write recorded itself.
+    ticket: Option<AuditTicket>,
+    /// Set for admin API calls, which are logged on their own.
+    admin: Option<AdminCall>,
 }
 
 /// Patients a request names: a `Patient/{id}` path, a compartment, `patient`/`subject` criteria.
@@ -278,7 +343,7 @@ fn named_patients(rest: &[&str], query: &str, principal: Option<&Principal>) -> 
     out
 }
 
-async fn check(state: &AppState, req: Request, next: Next, log: &mut AuditCtx) -> Response {
+async fn check(state: &AppState, mut req: Request, next: Next, log: &mut AuditCtx) -> Response {
     let state = state.clone();
     // Decoded like the router decodes path parameters, so that `/fhir/trust%2Db/…` is
     // authorised as the `trust-b` it will be served as.
@@ -297,7 +362,17 @@ async fn check(state: &AppState, req: Request, next: Next, log: &mut AuditCtx) -
     let conditional_create = req.headers().contains_key("if-none-exist");
     let (tenant_text, op) = match segs.as_slice() {
         ["health"] | ["ready"] => return next.run(req).await,
-        ["admin", ..] => (None, Op::Admin),
+        ["admin", rest @ ..] => {
+            log.admin = Some(AdminCall {
+                method: req.method().clone(),
+                path: req.uri().path().chars().take(200).collect(),
+                tenant: match rest {
+                    ["tenants", id, ..] => TenantId::new(id).ok(),
+                    _ => None,
+                },
+            });
+            (None, Op::Admin)
+        }
         ["fhir", t, rest @ ..] => (
             Some(t.to_string()),
             classify(req.method(), rest, conditional_create),
@@ -312,7 +387,7 @@ async fn check(state: &AppState, req: Request, next: Next, log: &mut AuditCtx) -
         log.tenant = TenantId::new(t).ok();
         let query = req.uri().query().unwrap_or("").to_string();
         let rest = segs.get(2..).unwrap_or(&[]);
-        let (subtype, resource, inspect) = match &op {
+        let (subtype, resource, returned) = match &op {
             Op::One {
                 interaction,
                 resource_type,
@@ -325,18 +400,27 @@ async fn check(state: &AppState, req: Request, next: Next, log: &mut AuditCtx) -
                     None if resource_type.is_empty() || resource_type == "*" => None,
                     None => Some(resource_type.clone()),
                 },
-                matches!(
-                    interaction,
+                match interaction {
                     Interaction::Read
-                        | Interaction::Vread
-                        | Interaction::Create
-                        | Interaction::Update
-                        | Interaction::Patch
-                ),
+                    | Interaction::Vread
+                    | Interaction::Create
+                    | Interaction::Update
+                    | Interaction::Patch => Some(Returned::Resource),
+                    Interaction::SearchType
+                    | Interaction::SearchSystem
+                    | Interaction::HistoryInstance
+                    | Interaction::HistoryType
+                    | Interaction::HistorySystem => Some(Returned::Entries),
+                    _ => None,
+                },
             ),
-            _ => ("batch-or-transaction".to_string(), None, false),
+            _ => (
+                "batch-or-transaction".to_string(),
+                None,
+                Some(Returned::BundleResponse),
+            ),
         };
-        log.inspect = inspect;
+        log.returned = returned;
         log.access = Some(crate::audit::Access {
             subtype,
             method: req.method().clone(),
@@ -354,12 +438,16 @@ async fn check(state: &AppState, req: Request, next: Next, log: &mut AuditCtx) -
         Ok(p) => p,
         Err(e) => return auth_failure(&state, &e),
     };
-    if let (Some(a), Some(p)) = (log.access.as_mut(), principal.patient())
-        && !a.patients.iter().any(|x| x == p)
-    {
-        a.patients.push(p.to_string());
+    if let (Some(a), Some(p)) = (log.access.as_mut(), principal.patient()) {
+        a.add_patient(p);
     }
     log.principal = Some(principal.clone());
+    if let (Some(t), Some(a)) = (&log.tenant, &log.access) {
+        // For the handlers: a write commits its AuditEvents with itself (see crate::audit).
+        let ticket = AuditTicket::new(t.clone(), principal.clone(), a.clone());
+        req.extensions_mut().insert(ticket.clone());
+        log.ticket = Some(ticket);
+    }
     if op == Op::Admin {
         if is_admin(&principal) {
             return next.run(req).await;
@@ -400,9 +488,15 @@ async fn check(state: &AppState, req: Request, next: Next, log: &mut AuditCtx) -
     {
         match interaction {
             Interaction::SearchType if req.method() == Method::GET => {
-                // The access log itself is not audited per query, so that polling it does
-                // not grow it.
-                log.access = None;
+                // Reading the log is logged too, under the patient asked about only (not the
+                // patients of the events returned): see crate::audit on its growth.
+                log.returned = None;
+                if let Some(a) = log.access.as_mut() {
+                    a.patients.clear();
+                    if let Some(p) = crate::audit::asked_patient(req.uri().query().unwrap_or("")) {
+                        a.add_patient(&p);
+                    }
+                }
                 if !crate::audit::is_auditor(&principal) {
                     return forbidden(
                         "the access log needs an auditor scope (user/AuditEvent.rs or system/AuditEvent.rs)",

@@ -2,7 +2,7 @@
 
 use axum::body::Body;
 use axum::extract::Request;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use fhir_core::TenantId;
@@ -12,7 +12,7 @@ use crate::AppState;
 use crate::auth::Principal;
 use crate::error::ApiError;
 
-use super::restricted::filter_includes;
+use super::restricted::{Output, drop_foreign_includes, json_request, ok_tree, query_params};
 
 /// Who may follow a search's paging links: `_getpages` tokens name a stored search, so they
 /// are bound to the principal (and tenant) that ran it, and keep its patient restriction.
@@ -49,31 +49,45 @@ pub(super) async fn remember_pages(
     let Ok(bytes) = axum::body::to_bytes(body, usize::MAX).await else {
         return ApiError::Internal("cannot read the search result".into()).into_response();
     };
-    const KEY: &[u8] = b"_getpages=";
-    if let Some(at) = bytes.windows(KEY.len()).position(|w| w == KEY) {
-        let token: String = bytes[at + KEY.len()..]
-            .iter()
-            .take_while(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-            .map(|b| *b as char)
-            .collect();
-        if !token.is_empty()
-            && let Ok(mut m) = state.page_owners.map.lock()
-        {
-            if m.len() >= MAX_PAGE_OWNERS {
-                m.clear();
-            }
-            m.insert(token, (principal_key(p, tenant), patient));
-        }
-    }
+    remember(state, p, tenant, patient, &bytes);
     Response::from_parts(parts, Body::from(bytes))
 }
 
-/// `GET /fhir/{t}?_getpages=…`: only for the principal that ran the search.
+/// Records the page token found in a search result's `bytes` (JSON or XML), if any.
+pub(super) fn remember(
+    state: &AppState,
+    p: &Principal,
+    tenant: &TenantId,
+    patient: Option<String>,
+    bytes: &[u8],
+) {
+    const KEY: &[u8] = b"_getpages=";
+    let Some(at) = bytes.windows(KEY.len()).position(|w| w == KEY) else {
+        return;
+    };
+    let token: String = bytes[at + KEY.len()..]
+        .iter()
+        .take_while(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        .map(|b| *b as char)
+        .collect();
+    if !token.is_empty()
+        && let Ok(mut m) = state.page_owners.map.lock()
+    {
+        if m.len() >= MAX_PAGE_OWNERS {
+            m.clear();
+        }
+        m.insert(token, (principal_key(p, tenant), patient));
+    }
+}
+
+/// `GET /fhir/{t}?_getpages=…`: only for the principal that ran the search, and with its
+/// patient restriction: the page is read as JSON, its includes outside the compartment are
+/// dropped, and it is answered in the format the client asks for (see [`Output`]).
 pub(super) async fn page(
     state: &AppState,
     p: &Principal,
     tenant: &TenantId,
-    mut req: Request,
+    req: Request,
     next: Next,
 ) -> Response {
     let token = req
@@ -94,12 +108,24 @@ pub(super) async fn page(
     match owner {
         Some((key, patient)) if key == principal_key(p, tenant) => match patient {
             Some(patient) => {
-                req.headers_mut().insert(
-                    header::ACCEPT,
-                    HeaderValue::from_static("application/fhir+json"),
-                );
-                let resp = next.run(req).await;
-                filter_includes(resp, &patient).await
+                let (mut parts, body) = req.into_parts();
+                let mut params = query_params(parts.uri.query());
+                let out = match Output::take(&mut params, &parts.headers) {
+                    Ok(o) => o,
+                    Err(e) => return e.into_response(),
+                };
+                let path = parts.uri.path().to_string();
+                if !json_request(&mut parts, &path, &params) {
+                    return forbidden("cannot restrict this page");
+                }
+                let resp = next.run(Request::from_parts(parts, body)).await;
+                match ok_tree(resp).await {
+                    Ok((rparts, mut tree)) => {
+                        drop_foreign_includes(&mut tree, &patient);
+                        out.bundle(rparts, tree)
+                    }
+                    Err(resp) => out.other(resp).await,
+                }
             }
             None => next.run(req).await,
         },
