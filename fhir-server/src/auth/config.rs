@@ -93,6 +93,11 @@
 //! | `FHIR_AUTH_ALGORITHMS` | that issuer's `algorithms`, comma-separated |
 //! | `FHIR_AUTH_DPOP` | that issuer's `dpop` |
 //! | `FHIR_AUTH_CLOCK_SKEW_SECS` | that issuer's `clock_skew_secs` |
+//! | `FHIR_AUTH_JWKS_CA_FILE` | that issuer's `jwks_ca_file` |
+//! | `FHIR_AUTH_MIN_SECURITY_LEVEL` | that issuer's `min_security_level` |
+//! | `FHIR_AUTH_INTROSPECTION_URL` | that issuer's `introspection_url` |
+//! | `FHIR_AUTH_INTROSPECTION_CLIENT_ID` | that issuer's `introspection_client_id` |
+//! | `FHIR_AUTH_INTROSPECTION_CLIENT_SECRET_ENV` | that issuer's `introspection_client_secret_env` (the *name* of the variable holding the secret) |
 //! | `FHIR_AUTH_ORG_TENANTS` | entries `orgnr=tenant,…` added to `[auth.org_tenants]` |
 //!
 //! Without `FHIR_AUTH_ISSUER`, the issuer variables change the only configured issuer, and are
@@ -477,13 +482,18 @@ impl AuthConfig {
             }
         }
 
-        const ISSUER_VARS: [&str; 6] = [
+        const ISSUER_VARS: [&str; 11] = [
             "FHIR_AUTH_JWKS_FILE",
             "FHIR_AUTH_JWKS_URL",
             "FHIR_AUTH_AUDIENCES",
             "FHIR_AUTH_ALGORITHMS",
             "FHIR_AUTH_DPOP",
             "FHIR_AUTH_CLOCK_SKEW_SECS",
+            "FHIR_AUTH_JWKS_CA_FILE",
+            "FHIR_AUTH_MIN_SECURITY_LEVEL",
+            "FHIR_AUTH_INTROSPECTION_URL",
+            "FHIR_AUTH_INTROSPECTION_CLIENT_ID",
+            "FHIR_AUTH_INTROSPECTION_CLIENT_SECRET_ENV",
         ];
         let chosen = get("FHIR_AUTH_ISSUER");
         let any_issuer_var = ISSUER_VARS.iter().any(|v| get(v).is_some());
@@ -551,6 +561,25 @@ impl AuthConfig {
                     var: "FHIR_AUTH_CLOCK_SKEW_SECS",
                     message: "expected a whole number of seconds".into(),
                 })?;
+            }
+            if let Some(v) = get("FHIR_AUTH_JWKS_CA_FILE") {
+                issuer.jwks_ca_file = Some(PathBuf::from(v));
+            }
+            if let Some(v) = get("FHIR_AUTH_MIN_SECURITY_LEVEL") {
+                issuer.min_security_level =
+                    Some(v.trim().parse().map_err(|_| ConfigError::Env {
+                        var: "FHIR_AUTH_MIN_SECURITY_LEVEL",
+                        message: "expected a level from 1 to 4".into(),
+                    })?);
+            }
+            if let Some(v) = get("FHIR_AUTH_INTROSPECTION_URL") {
+                issuer.introspection_url = Some(v);
+            }
+            if let Some(v) = get("FHIR_AUTH_INTROSPECTION_CLIENT_ID") {
+                issuer.introspection_client_id = Some(v);
+            }
+            if let Some(v) = get("FHIR_AUTH_INTROSPECTION_CLIENT_SECRET_ENV") {
+                issuer.introspection_client_secret_env = Some(v);
             }
         }
         self.validate()?;
@@ -916,6 +945,48 @@ mod tests {
             c.org_tenants.get("983974899").map(String::as_str),
             Some("hb")
         );
+    }
+
+    #[test]
+    fn env_overrides_for_tls_introspection_and_security_level() {
+        let env: BTreeMap<&str, &str> = [
+            ("FHIR_AUTH_JWKS_CA_FILE", "/etc/fhir/ca.pem"),
+            ("FHIR_AUTH_MIN_SECURITY_LEVEL", "4"),
+            (
+                "FHIR_AUTH_INTROSPECTION_URL",
+                "https://idp.example/introspect",
+            ),
+            ("FHIR_AUTH_INTROSPECTION_CLIENT_ID", "fhir-api"),
+            ("FHIR_AUTH_INTROSPECTION_CLIENT_SECRET_ENV", "MY_SECRET"),
+        ]
+        .into();
+        let c = AuthConfig::from_toml_str(MINIMAL)
+            .and_then(|c| c.with_overrides_from(|k| env.get(k).map(|v| v.to_string())))
+            .expect("valid");
+        let i = &c.issuers[0];
+        assert_eq!(
+            i.jwks_ca_file.as_deref(),
+            Some(Path::new("/etc/fhir/ca.pem"))
+        );
+        assert_eq!(i.min_security_level, Some(4));
+        assert_eq!(
+            i.introspection_url.as_deref(),
+            Some("https://idp.example/introspect")
+        );
+        assert_eq!(i.introspection_client_id.as_deref(), Some("fhir-api"));
+        assert_eq!(
+            i.introspection_client_secret_env.as_deref(),
+            Some("MY_SECRET")
+        );
+        // Out-of-range levels are refused by the same check as in the file.
+        for bad in ["9", "x"] {
+            let r = AuthConfig::from_toml_str(MINIMAL).and_then(|c| {
+                c.with_overrides_from(|k| {
+                    (k == "FHIR_AUTH_MIN_SECURITY_LEVEL").then(|| bad.to_string())
+                })
+            });
+            assert!(r.is_err(), "{bad}");
+        }
     }
 
     #[test]
