@@ -7,6 +7,9 @@
 //! dpop_algorithms = ["ES256", "PS256", "RS256"]
 //! dpop_max_age_secs = 60            # how old a DPoP proof (iat) may be
 //! dpop_replay_cache_entries = 200000
+//! dpop_nonce = false                # true: proofs must carry a recent server nonce (RFC 9449 §8)
+//! dpop_nonce_window_secs = 300      # a nonce is accepted in its window and the next one
+//! # dpop_nonce_secret_env = "FHIR_DPOP_NONCE_SECRET"  # shared nonce key (several instances)
 //! jwks_fetch_timeout_secs = 10       # time limit of one JWKS fetch or introspection call
 //!
 //! [auth.org_tenants]                # organisation number -> tenant id, for all issuers
@@ -75,6 +78,26 @@
 //! `error="insufficient_user_authentication"` (RFC 9470 step-up). Client-credentials tokens
 //! have no user and are not affected.
 //!
+//! # DPoP nonces
+//!
+//! With `dpop_nonce = true` (RFC 9449 §8 and §9) every DPoP proof must carry a `nonce` claim
+//! this server issued recently. Every response to a request with `Authorization: DPoP`
+//! (success or error) has a `DPoP-Nonce` header with the current nonce; a proof without one, or
+//! with a forged or expired one, gets 401 with `WWW-Authenticate: DPoP …,
+//! error="use_dpop_nonce"` and that header, and the client signs a new proof with it. Bearer
+//! requests are not affected. The setting is for the whole server, not per issuer: a nonce is a
+//! property of this resource server and its proofs, and the middleware has to know whether to
+//! send `DPoP-Nonce` before it trusts anything the token says about its issuer.
+//!
+//! Nonces are stateless: an HMAC-SHA256 over a window counter (`dpop_nonce_window_secs`,
+//! default 300 s), accepted in their own window and the next, so they live 5–10 minutes by
+//! default. The HMAC key is random per process unless `dpop_nonce_secret_env` names an
+//! environment variable holding a key of at least 32 bytes (e.g. `openssl rand -base64 32`),
+//! read at start-up like the introspection secret. A random key is right for one instance: a
+//! restart costs each client one `use_dpop_nonce` round trip. Several instances behind a load
+//! balancer need the shared key, or a client may bounce between instances that each refuse the
+//! other's nonce.
+//!
 //! Unknown keys inside `[auth]` are errors (a typo must not silently weaken security); other
 //! top-level tables of the file are left to their owners.
 //!
@@ -86,6 +109,8 @@
 //! |---|---|
 //! | `FHIR_AUTH_MODE` | `on` / `off` |
 //! | `FHIR_AUTH_REALM` | `realm` |
+//! | `FHIR_AUTH_DPOP_NONCE` | `dpop_nonce`: `true` / `false` (also `on` / `off`, `1` / `0`) |
+//! | `FHIR_AUTH_DPOP_NONCE_SECRET_ENV` | `dpop_nonce_secret_env` (the *name* of the variable holding the nonce key) |
 //! | `FHIR_AUTH_ISSUER` | selects the issuer (by `issuer`) that the variables below change; creates it if absent |
 //! | `FHIR_AUTH_JWKS_FILE` | that issuer's `jwks_file` (clears `jwks_url`) |
 //! | `FHIR_AUTH_JWKS_URL` | that issuer's `jwks_url` (clears `jwks_file`) |
@@ -225,6 +250,19 @@ pub struct AuthConfig {
     /// get 503 until entries expire.
     #[serde(default = "default_replay_entries")]
     pub dpop_replay_cache_entries: usize,
+    /// Server-provided DPoP nonces (RFC 9449 §8): every DPoP proof must carry a `nonce` from a
+    /// recent `DPoP-Nonce` response header. See
+    /// [the module docs](crate::auth::config#dpop-nonces).
+    #[serde(default)]
+    pub dpop_nonce: bool,
+    /// Length (seconds) of a nonce window; a nonce is accepted in its window and the next.
+    #[serde(default = "default_nonce_window")]
+    pub dpop_nonce_window_secs: u64,
+    /// The name of the environment variable holding the nonce key (at least 32 bytes), for
+    /// several instances that must accept each other's nonces; without it each process makes
+    /// a random key.
+    #[serde(default)]
+    pub dpop_nonce_secret_env: Option<String>,
     /// Time limit for fetching a JWKS URL.
     #[serde(default = "default_fetch_timeout")]
     pub jwks_fetch_timeout_secs: u64,
@@ -328,6 +366,9 @@ fn default_true() -> bool {
 fn default_dpop_max_age() -> u64 {
     60
 }
+fn default_nonce_window() -> u64 {
+    300
+}
 fn default_replay_entries() -> usize {
     200_000
 }
@@ -400,6 +441,9 @@ struct File {
 const MAX_SKEW: u64 = 300;
 /// Longest reuse of an introspection answer: a revoked token stays usable this long.
 const MAX_INTROSPECTION_CACHE: u64 = 3600;
+/// Longest nonce window: a nonce lives up to twice this, and nonces exist to keep proofs
+/// short-lived.
+const MAX_NONCE_WINDOW: u64 = 3600;
 
 impl AuthConfig {
     /// Auth switched off (`--no-auth`).
@@ -412,6 +456,9 @@ impl AuthConfig {
             dpop_algorithms: default_algorithms(),
             dpop_max_age_secs: default_dpop_max_age(),
             dpop_replay_cache_entries: default_replay_entries(),
+            dpop_nonce: false,
+            dpop_nonce_window_secs: default_nonce_window(),
+            dpop_nonce_secret_env: None,
             jwks_fetch_timeout_secs: default_fetch_timeout(),
         }
     }
@@ -470,6 +517,21 @@ impl AuthConfig {
         }
         if let Some(v) = get("FHIR_AUTH_REALM") {
             self.realm = v;
+        }
+        if let Some(v) = get("FHIR_AUTH_DPOP_NONCE") {
+            self.dpop_nonce = match v.trim().to_ascii_lowercase().as_str() {
+                "true" | "on" | "1" => true,
+                "false" | "off" | "0" => false,
+                _ => {
+                    return Err(ConfigError::Env {
+                        var: "FHIR_AUTH_DPOP_NONCE",
+                        message: "expected true or false".into(),
+                    });
+                }
+            };
+        }
+        if let Some(v) = get("FHIR_AUTH_DPOP_NONCE_SECRET_ENV") {
+            self.dpop_nonce_secret_env = Some(v.trim().to_string());
         }
         if let Some(v) = get("FHIR_AUTH_ORG_TENANTS") {
             for pair in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -602,6 +664,20 @@ impl AuthConfig {
             return Err(invalid(
                 "auth.dpop_replay_cache_entries",
                 "must be at least 1",
+            ));
+        }
+        if !(1..=MAX_NONCE_WINDOW).contains(&self.dpop_nonce_window_secs) {
+            return Err(invalid(
+                "auth.dpop_nonce_window_secs",
+                format!("must be 1 to {MAX_NONCE_WINDOW}"),
+            ));
+        }
+        if let Some(v) = &self.dpop_nonce_secret_env
+            && !is_env_name(v)
+        {
+            return Err(invalid(
+                "auth.dpop_nonce_secret_env",
+                "must be the name of an environment variable (A-Z, 0-9, _), not the key",
             ));
         }
         if self.jwks_fetch_timeout_secs == 0 {
@@ -865,6 +941,60 @@ mod tests {
             Some("FHIR_INTROSPECTION_SECRET")
         );
         assert_eq!(i.introspection_cache_secs, 60);
+        assert!(h.dpop_nonce, "HelseID example asks for server nonces");
+        assert_eq!(h.dpop_nonce_window_secs, 300);
+        assert!(!s.dpop_nonce);
+    }
+
+    #[test]
+    fn dpop_nonce_keys() {
+        let c = AuthConfig::from_toml_str(MINIMAL).expect("valid");
+        assert!(!c.dpop_nonce, "off by default");
+        assert_eq!(c.dpop_nonce_window_secs, 300);
+        assert_eq!(c.dpop_nonce_secret_env, None);
+        let on = MINIMAL.replace(
+            "mode = \"on\"",
+            "mode = \"on\"\ndpop_nonce = true\ndpop_nonce_window_secs = 60\n\
+             dpop_nonce_secret_env = \"NONCE_KEY\"",
+        );
+        let c = AuthConfig::from_toml_str(&on).expect("valid");
+        assert!(c.dpop_nonce);
+        assert_eq!(c.dpop_nonce_window_secs, 60);
+        assert_eq!(c.dpop_nonce_secret_env.as_deref(), Some("NONCE_KEY"));
+        assert_eq!(
+            err_key(&on.replace("= 60", "= 0")),
+            "auth.dpop_nonce_window_secs"
+        );
+        assert_eq!(
+            err_key(&on.replace("NONCE_KEY", "s3cr3t key")),
+            "auth.dpop_nonce_secret_env"
+        );
+        for (value, want) in [("true", true), ("ON", true), ("0", false), ("false", false)] {
+            let c = AuthConfig::from_toml_str(&on)
+                .and_then(|c| {
+                    c.with_overrides_from(|k| (k == "FHIR_AUTH_DPOP_NONCE").then(|| value.into()))
+                })
+                .expect("valid");
+            assert_eq!(c.dpop_nonce, want, "{value}");
+        }
+        let bad = AuthConfig::from_toml_str(MINIMAL).and_then(|c| {
+            c.with_overrides_from(|k| (k == "FHIR_AUTH_DPOP_NONCE").then(|| "maybe".into()))
+        });
+        assert!(matches!(
+            bad,
+            Err(ConfigError::Env {
+                var: "FHIR_AUTH_DPOP_NONCE",
+                ..
+            })
+        ));
+        let c = AuthConfig::from_toml_str(MINIMAL)
+            .and_then(|c| {
+                c.with_overrides_from(|k| {
+                    (k == "FHIR_AUTH_DPOP_NONCE_SECRET_ENV").then(|| "SHARED_NONCE".into())
+                })
+            })
+            .expect("valid");
+        assert_eq!(c.dpop_nonce_secret_env.as_deref(), Some("SHARED_NONCE"));
     }
 
     #[test]

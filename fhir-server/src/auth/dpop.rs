@@ -1,12 +1,20 @@
-//! DPoP proof checks (RFC 9449 §4.3 and §7.1) and the `jti` replay cache.
+//! DPoP proof checks (RFC 9449 §4.3 and §7.1), the `jti` replay cache, and server-issued
+//! nonces (RFC 9449 §8–9).
 //!
-//! Server-issued nonces (`DPoP-Nonce`, RFC 9449 §8–9) are not implemented: freshness rests on
-//! the `iat` window plus the replay cache.
+//! Without nonces, freshness rests on the `iat` window plus the replay cache, and a client
+//! clock (or an attacker holding the client's key for a while) decides `iat`. With
+//! `dpop_nonce = true` every proof must also carry a `nonce` this server handed out recently in
+//! a `DPoP-Nonce` header, so a proof cannot be made long in advance. Nonces are stateless
+//! ([`NonceKeys`]): an HMAC over a time-window counter, so any server holding the same key can
+//! check them and nothing is stored per client.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
 
 use axum::http::{HeaderMap, Method};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use hmac::{Hmac, Mac};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -23,6 +31,10 @@ const MAX_JTI_LEN: usize = 256;
 pub(crate) struct CheckedProof {
     /// RFC 7638 thumbprint of the proof key.
     pub jkt: String,
+    /// The `nonce` claim, when it is a string; checked by [`NonceKeys::check`] only when
+    /// server nonces are on (otherwise it is not ours to judge, e.g. an authorization
+    /// server's nonce).
+    pub nonce: Option<String>,
     /// When the replay-cache entry may be dropped.
     replay_key: [u8; 32],
     replay_until: i64,
@@ -188,8 +200,14 @@ pub(crate) fn check_proof(
     h.update(key.thumbprint.as_bytes());
     h.update(b".");
     h.update(jti.as_bytes());
+    let nonce = match claims.get("nonce") {
+        Some(Value::String(n)) => Some(n.clone()),
+        _ => None,
+    };
+
     Ok(CheckedProof {
         jkt: key.thumbprint,
+        nonce,
         replay_key: h.finalize().into(),
         // After this, the iat check alone rejects the proof.
         replay_until: iat.saturating_add(rules.max_age).saturating_add(rules.skew),
@@ -203,6 +221,99 @@ pub(crate) fn commit(
     now: i64,
 ) -> Result<(), ReplayError> {
     cache.insert(proof.replay_key, proof.replay_until, now)
+}
+
+/// What the nonce MAC covers before the window counter, so that these MACs cannot be
+/// confused with any other use of the same key.
+const NONCE_CONTEXT: &[u8] = b"fhir-server DPoP-Nonce v1\0";
+/// Bytes of the (truncated) HMAC-SHA256 tag in a nonce: 128 bits cannot be guessed.
+const NONCE_TAG_LEN: usize = 16;
+/// A nonce is base64url(counter (8 bytes, big-endian) ‖ tag): 24 bytes, 32 characters.
+const NONCE_RAW_LEN: usize = 8 + NONCE_TAG_LEN;
+const NONCE_TEXT_LEN: usize = 32;
+/// Smallest key accepted from configuration (bytes): an HMAC key is only as strong as it is
+/// long.
+pub(crate) const MIN_NONCE_SECRET_LEN: usize = 32;
+
+/// Issues and checks stateless DPoP nonces (RFC 9449 §8).
+///
+/// Time is cut into windows of `window` seconds; the nonce of window `n` is
+/// `base64url(n ‖ HMAC-SHA256(key, context ‖ n)[..16])`. A nonce is accepted during its own
+/// window and the next one, so it lives between `window` and `2 × window` seconds and a
+/// client that always uses the latest `DPoP-Nonce` never sees it expire. Nothing is stored:
+/// any server with the same key (and roughly the same clock) accepts it, and a server with a
+/// new key (a restart with a random key) answers the old nonce with `use_dpop_nonce` and a
+/// fresh one, which costs the client one retry.
+pub(crate) struct NonceKeys {
+    /// The keyed MAC, cloned for each nonce so the key schedule is computed once.
+    mac: Hmac<Sha256>,
+    window: u64,
+}
+
+impl NonceKeys {
+    /// Keys for `secret` (callers ensure it is long and secret) and windows of `window_secs`
+    /// (at least 1).
+    pub fn new(secret: &[u8], window_secs: u64) -> Result<NonceKeys, String> {
+        // HMAC takes keys of any length (long ones are hashed), so this does not fail today;
+        // the error is passed on rather than assumed away.
+        let mac = <Hmac<Sha256> as Mac>::new_from_slice(secret)
+            .map_err(|e| format!("unusable nonce key: {e}"))?;
+        Ok(NonceKeys {
+            mac,
+            window: window_secs.max(1),
+        })
+    }
+
+    /// The window `now` falls in (times before 1970 count as window 0).
+    fn counter(&self, now: i64) -> u64 {
+        u64::try_from(now).unwrap_or(0) / self.window
+    }
+
+    fn tag(&self, counter: u64) -> Hmac<Sha256> {
+        let mut m = self.mac.clone();
+        m.update(NONCE_CONTEXT);
+        m.update(&counter.to_be_bytes());
+        m
+    }
+
+    /// The nonce of the window `now` falls in.
+    pub fn issue(&self, now: i64) -> String {
+        let counter = self.counter(now);
+        let tag = self.tag(counter).finalize().into_bytes();
+        let mut raw = [0u8; NONCE_RAW_LEN];
+        raw[..8].copy_from_slice(&counter.to_be_bytes());
+        raw[8..].copy_from_slice(&tag[..NONCE_TAG_LEN]);
+        URL_SAFE_NO_PAD.encode(raw)
+    }
+
+    /// Whether `nonce` (a proof's `nonce` claim) is one of ours, of the current or the
+    /// previous window. The tag is checked before the window, and in constant time, so a
+    /// forged nonce learns nothing from the answer.
+    pub fn check(&self, nonce: Option<&str>, now: i64) -> Result<(), DpopError> {
+        let nonce = nonce.ok_or(DpopError::NonceMissing)?;
+        if nonce.len() != NONCE_TEXT_LEN {
+            return Err(DpopError::NonceInvalid);
+        }
+        let raw = URL_SAFE_NO_PAD
+            .decode(nonce)
+            .map_err(|_| DpopError::NonceInvalid)?;
+        let (counter, tag) = raw.split_at_checked(8).ok_or(DpopError::NonceInvalid)?;
+        let counter = <[u8; 8]>::try_from(counter)
+            .map(u64::from_be_bytes)
+            .map_err(|_| DpopError::NonceInvalid)?;
+        if tag.len() != NONCE_TAG_LEN {
+            return Err(DpopError::NonceInvalid);
+        }
+        self.tag(counter)
+            .verify_truncated_left(tag)
+            .map_err(|_| DpopError::NonceInvalid)?;
+        let current = self.counter(now);
+        if counter == current || counter.checked_add(1) == Some(current) {
+            Ok(())
+        } else {
+            Err(DpopError::NonceStale)
+        }
+    }
 }
 
 /// Whether media type `t` is `expected`, ignoring case and an `application/` prefix (RFC 7515
@@ -332,6 +443,62 @@ mod tests {
         assert_eq!(c.len(), 1, "entries expiring at 200 were dropped");
         assert_eq!(c.insert([9; 32], 400, 1000), Ok(()));
         assert_eq!(c.len(), 1);
+    }
+
+    #[test]
+    fn nonces_live_one_to_two_windows() {
+        let k = NonceKeys::new(&[7; 32], 300).expect("keys");
+        // Issued early in window 3 (t = 900..1199).
+        let n = k.issue(905);
+        assert_eq!(n.len(), NONCE_TEXT_LEN);
+        assert_eq!(n, k.issue(1199), "stable within a window");
+        assert_ne!(n, k.issue(1200), "a new window has a new nonce");
+        assert_eq!(k.check(Some(&n), 905), Ok(()));
+        assert_eq!(
+            k.check(Some(&n), 1499),
+            Ok(()),
+            "the next window accepts it"
+        );
+        assert_eq!(k.check(Some(&n), 1500), Err(DpopError::NonceStale));
+        assert_eq!(
+            k.check(Some(&n), 600),
+            Err(DpopError::NonceStale),
+            "not before its window"
+        );
+        assert_eq!(k.check(None, 905), Err(DpopError::NonceMissing));
+        assert_eq!(k.check(Some(&n), -5), Err(DpopError::NonceStale));
+        assert!(
+            k.issue(i64::MIN).len() == NONCE_TEXT_LEN,
+            "total for any clock"
+        );
+    }
+
+    #[test]
+    fn forged_and_garbled_nonces_are_refused() {
+        let k = NonceKeys::new(b"a key of at least thirty-two bytes!", 60).expect("keys");
+        let other = NonceKeys::new(b"another key, also thirty-two bytes", 60).expect("keys");
+        let n = k.issue(6000);
+        assert_eq!(
+            k.check(Some(&other.issue(6000)), 6000),
+            Err(DpopError::NonceInvalid),
+            "another key's nonce"
+        );
+        // Another window's counter with this window's tag.
+        let mut raw = URL_SAFE_NO_PAD.decode(&n).unwrap_or_default();
+        raw[7] ^= 1;
+        let moved = URL_SAFE_NO_PAD.encode(&raw);
+        assert_eq!(k.check(Some(&moved), 6000), Err(DpopError::NonceInvalid));
+        let mut flipped = n.clone().into_bytes();
+        flipped[31] = if flipped[31] == b'A' { b'B' } else { b'A' };
+        let flipped = String::from_utf8(flipped).unwrap_or_default();
+        for bad in ["", "x", "not base64!", &flipped, &format!("{n}A"), &n[..31]] {
+            assert_eq!(
+                k.check(Some(bad), 6000),
+                Err(DpopError::NonceInvalid),
+                "{bad}"
+            );
+        }
+        assert_eq!(k.check(Some(&n), 6000), Ok(()));
     }
 
     #[test]

@@ -6,6 +6,11 @@
 //! challenge (RFC 6750 §3, RFC 9449 §7.1). [`crate::auth::Authenticator::www_authenticate`] gives
 //! the challenges that fit the configured issuers (Bearer, DPoP or both) and should be preferred
 //! by the server.
+//!
+//! With server nonces on (`dpop_nonce = true`, RFC 9449 §8–9), a DPoP proof without a valid
+//! `nonce` gets 401 with `DPoP …, error="use_dpop_nonce"`; the nonce to use comes in the
+//! `DPoP-Nonce` header, which the server sends with every response to a DPoP request
+//! ([`crate::auth::Authenticator::dpop_nonce_for`]), not in the challenge.
 
 use axum::http::StatusCode;
 
@@ -148,6 +153,31 @@ pub enum DpopError {
     /// `Authorization: DPoP` with an access token that has no `cnf.jkt`.
     #[error("the access token is not DPoP-bound (no cnf.jkt)")]
     UnboundToken,
+    /// Server nonces are on (`dpop_nonce = true`) and the proof has no `nonce` claim (or it is
+    /// not a string). Challenge `use_dpop_nonce` (RFC 9449 §9); the response's `DPoP-Nonce`
+    /// header holds the nonce to put in a new proof.
+    #[error(
+        "a server nonce is required: sign a new proof with the DPoP-Nonce header's value as nonce"
+    )]
+    NonceMissing,
+    /// The proof's `nonce` was not issued by this server (forged, garbled, or from a server
+    /// with another nonce key). Challenge `use_dpop_nonce`.
+    #[error("the nonce was not issued by this server: use the DPoP-Nonce header's value")]
+    NonceInvalid,
+    /// The proof's `nonce` was issued by this server, but too long ago. Challenge
+    /// `use_dpop_nonce`.
+    #[error("the nonce has expired: use the DPoP-Nonce header's value")]
+    NonceStale,
+}
+
+impl DpopError {
+    /// Whether the fix is a fresh server nonce (`use_dpop_nonce`) rather than a better proof.
+    pub fn is_nonce(&self) -> bool {
+        matches!(
+            self,
+            DpopError::NonceMissing | DpopError::NonceInvalid | DpopError::NonceStale
+        )
+    }
 }
 
 /// The authentication scheme a challenge is issued for.
@@ -188,8 +218,9 @@ impl AuthError {
     }
 
     /// The OAuth error code of the challenge (`invalid_request`, `invalid_token`,
-    /// `invalid_dpop_proof`, `insufficient_scope`, `insufficient_user_authentication`), or `None` when RFC 6750 §3.1 says to send
-    /// none (no or unsupported credentials) or no challenge applies.
+    /// `invalid_dpop_proof`, `use_dpop_nonce`, `insufficient_scope`,
+    /// `insufficient_user_authentication`), or `None` when RFC 6750 §3.1 says to send none (no
+    /// or unsupported credentials) or no challenge applies.
     pub fn error_code(&self) -> Option<&'static str> {
         match self {
             AuthError::MissingCredentials | AuthError::UnsupportedScheme(_) => None,
@@ -197,6 +228,7 @@ impl AuthError {
                 Some("invalid_request")
             }
             AuthError::InvalidDpopProof(DpopError::UnboundToken) => Some("invalid_token"),
+            AuthError::InvalidDpopProof(e) if e.is_nonce() => Some("use_dpop_nonce"),
             AuthError::InvalidDpopProof(_) => Some("invalid_dpop_proof"),
             AuthError::InsufficientScope(_) => Some("insufficient_scope"),
             AuthError::InsufficientUserAuthentication(_) => {
@@ -228,6 +260,8 @@ impl AuthError {
     /// Examples:
     /// - `Bearer realm="fhir", error="invalid_token", error_description="the access token has expired"`
     /// - `DPoP realm="fhir", error="invalid_dpop_proof", error_description="invalid DPoP proof: the proof was already used (jti replay)"`
+    /// - `DPoP realm="fhir", error="use_dpop_nonce", error_description="invalid DPoP proof: a server nonce is required: …"`
+    ///   (RFC 9449 §9; the server sends the nonce in a `DPoP-Nonce` header next to it)
     /// - `Bearer realm="fhir"` (no credentials)
     ///
     /// The server should prefer [`crate::auth::Authenticator::www_authenticate`], which knows
@@ -321,6 +355,25 @@ mod tests {
             v.starts_with("DPoP realm=\"fhir\", error=\"invalid_dpop_proof\""),
             "{v}"
         );
+    }
+
+    #[test]
+    fn nonce_errors_ask_for_a_nonce() {
+        for e in [
+            DpopError::NonceMissing,
+            DpopError::NonceInvalid,
+            DpopError::NonceStale,
+        ] {
+            let e = AuthError::InvalidDpopProof(e);
+            assert_eq!(e.status(), StatusCode::UNAUTHORIZED);
+            assert_eq!(e.error_code(), Some("use_dpop_nonce"));
+            let v = e.www_authenticate().unwrap_or_default();
+            assert!(
+                v.starts_with("DPoP realm=\"fhir\", error=\"use_dpop_nonce\""),
+                "{v}"
+            );
+        }
+        assert!(!DpopError::Replay.is_nonce());
     }
 
     #[test]

@@ -20,6 +20,8 @@
 //!   8. cnf.jkt vs scheme; DPoP proof          BoundTokenAsBearer / InvalidDpopProof(…)
 //!   9. claims → Principal (scopes mapped, patient context, tenants, HelseID facts)
 //!  10. HelseID security level of a user       InsufficientUserAuthentication
+//!  11. DPoP nonce, when dpop_nonce = true     InvalidDpopProof(NonceMissing / NonceInvalid / NonceStale)
+//!  12. DPoP proof jti into the replay cache   InvalidDpopProof(Replay) / Unavailable
 //! ──► Principal::check_tenant(&tenant)?  and  Principal::check(interaction, type)?  (403s)
 //! ```
 //!
@@ -28,9 +30,14 @@
 //! `kid`.
 //!
 //! Every error maps to a status and a `WWW-Authenticate` value: see [`AuthError`] and
-//! [`Authenticator::www_authenticate`]. Configuration, its environment overrides and two
-//! complete examples (HelseID, generic SMART) are described in [`config`]; the examples are
-//! `src/auth/examples/helseid.toml` and `src/auth/examples/smart.toml`.
+//! [`Authenticator::www_authenticate`]. With server DPoP nonces on (`dpop_nonce = true`, RFC
+//! 9449 §8–9), a proof without a valid nonce gets `DPoP …, error="use_dpop_nonce"`, and every
+//! response to a DPoP request should carry a [`DPOP_NONCE_HEADER`] with
+//! [`Authenticator::dpop_nonce_for`], which is where the client learns the nonce.
+//!
+//! Configuration, its environment overrides and two complete examples (HelseID, generic SMART)
+//! are described in [`config`]; the examples are `src/auth/examples/helseid.toml` and
+//! `src/auth/examples/smart.toml`.
 //!
 //! # Example
 //!
@@ -80,13 +87,17 @@ pub use scopes::{
     Access, Interaction, Permissions, Restriction, ScopeContext, ScopeError, SmartScope,
 };
 
-use dpop::{ProofRules, ReplayCache, ReplayError};
+use dpop::{MIN_NONCE_SECRET_LEN, NonceKeys, ProofRules, ReplayCache, ReplayError};
 use error::clip;
 use fetch::HttpClient;
 use introspection::Introspector;
 use jwks::{KeySource, KeyStore};
 use jwt::Jws;
 use principal::ClaimRules;
+
+/// The response header carrying the server's current DPoP nonce (RFC 9449 §8.1), in the
+/// lower case `HeaderName::from_static` wants.
+pub const DPOP_NONCE_HEADER: &str = "dpop-nonce";
 
 /// One configured issuer, ready for use.
 struct Issuer {
@@ -112,6 +123,8 @@ struct Inner {
     dpop_algorithms: Vec<SigningAlg>,
     dpop_max_age: i64,
     replay: ReplayCache,
+    /// Server nonces (`dpop_nonce = true`); `None` when off.
+    nonces: Option<NonceKeys>,
 }
 
 /// Validates requests' credentials against the configured issuers. Cheap to clone (shared
@@ -191,6 +204,11 @@ impl Authenticator {
             }
         }
         let introspecting = issuers.iter().position(|i| i.introspection.is_some());
+        let nonces = if config.mode == AuthMode::On && config.dpop_nonce {
+            Some(nonce_keys(&config, secret)?)
+        } else {
+            None
+        };
         Ok(Authenticator {
             inner: Arc::new(Inner {
                 mode: config.mode,
@@ -200,6 +218,7 @@ impl Authenticator {
                 dpop_algorithms: config.dpop_algorithms.clone(),
                 dpop_max_age: i64::try_from(config.dpop_max_age_secs).unwrap_or(i64::MAX),
                 replay: ReplayCache::new(config.dpop_replay_cache_entries),
+                nonces,
             }),
         })
     }
@@ -309,6 +328,15 @@ impl Authenticator {
         if let Some(min) = issuer.min_security_level {
             check_security_level(&principal, min)?;
         }
+        // The nonce is checked after everything else, so that `use_dpop_nonce` means "only the
+        // nonce is wrong" and the client's retry with the nonce succeeds instead of meeting the
+        // next error; and before the replay cache, so that a proof refused for its nonce does
+        // not use up its jti (RFC 9449 §8: the retry carries a new proof anyway).
+        if let (Some(proof), Some(nonces)) = (&proof, &self.inner.nonces) {
+            nonces
+                .check(proof.nonce.as_deref(), now)
+                .map_err(AuthError::InvalidDpopProof)?;
+        }
         // Recorded last, so that requests failing any other check do not fill the cache.
         if let Some(proof) = proof {
             dpop::commit(&self.inner.replay, &proof, now).map_err(|e| match e {
@@ -320,6 +348,16 @@ impl Authenticator {
             })?;
         }
         Ok(principal)
+    }
+
+    /// The value of the [`DPOP_NONCE_HEADER`] for the response to a request with `headers`: the
+    /// current nonce when `dpop_nonce` is on and the request uses `Authorization: DPoP`,
+    /// whether it succeeds or fails (RFC 9449 §8.2: so that a client can keep its nonce fresh
+    /// without an extra round trip, and learns it from a `use_dpop_nonce` refusal). `None` for
+    /// Bearer and unauthenticated requests, and when nonces or auth are off.
+    pub fn dpop_nonce_for(&self, headers: &HeaderMap) -> Option<String> {
+        let nonces = self.inner.nonces.as_ref()?;
+        uses_dpop_scheme(headers).then(|| nonces.issue(unix_now()))
     }
 
     /// Checks a JWT up to its signature: shape, algorithm, issuer, type, scheme, key.
@@ -616,6 +654,51 @@ fn build_issuer(
             org_tenants,
         },
     })
+}
+
+/// The nonce key: from the environment variable named by `dpop_nonce_secret_env` (so that
+/// several instances, and restarts, accept each other's nonces), else random for this process.
+fn nonce_keys(
+    config: &AuthConfig,
+    secret: &dyn Fn(&str) -> Option<String>,
+) -> Result<NonceKeys, ConfigError> {
+    let key = match &config.dpop_nonce_secret_env {
+        Some(var) => secret(var)
+            .filter(|v| v.len() >= MIN_NONCE_SECRET_LEN)
+            .ok_or_else(|| ConfigError::Invalid {
+                key: "auth.dpop_nonce_secret_env".into(),
+                message: format!(
+                    "the environment variable {var} is not set or shorter than \
+                     {MIN_NONCE_SECRET_LEN} bytes"
+                ),
+            })?
+            .into_bytes(),
+        None => {
+            use rand::RngCore as _;
+            let mut k = vec![0u8; 32];
+            rand::rngs::OsRng
+                .try_fill_bytes(&mut k)
+                .map_err(|e| ConfigError::Invalid {
+                    key: "auth.dpop_nonce".into(),
+                    message: format!("no random key for DPoP nonces: {e}"),
+                })?;
+            k
+        }
+    };
+    NonceKeys::new(&key, config.dpop_nonce_window_secs).map_err(|message| ConfigError::Invalid {
+        key: "auth.dpop_nonce_secret_env".into(),
+        message,
+    })
+}
+
+/// Whether the request's `Authorization` header uses the DPoP scheme, whatever follows it (a
+/// malformed DPoP request still gets a nonce to go on with).
+fn uses_dpop_scheme(headers: &HeaderMap) -> bool {
+    headers
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_whitespace().next())
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("dpop"))
 }
 
 /// The fetcher of a `jwks_file` issuer, whose keys are read from disk: never asked.

@@ -38,18 +38,22 @@
 //! `GET …/AuditEvent?…` is answered from that log, for auditors only (and logged as well), and
 //! REST writes of `AuditEvent` get 405. Admin API calls are logged too (target `audit`).
 //!
+//! With server DPoP nonces on (`dpop_nonce = true`), every response to a request with
+//! `Authorization: DPoP`, success or failure, carries a `DPoP-Nonce` header with the current
+//! nonce (RFC 9449 §8.2).
+//!
 //! With auth off (`--no-auth`) the layer lets everything through unchanged (and logs nothing).
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use fhir_core::{Issue, IssueType, TenantId};
 
 use crate::AppState;
 use crate::audit::{AuditTicket, Returned};
-use crate::auth::{Access, AuthError, AuthMode, Interaction, Principal};
+use crate::auth::{Access, AuthError, AuthMode, DPOP_NONCE_HEADER, Interaction, Principal};
 use crate::error::ApiError;
 
 mod bundle;
@@ -203,6 +207,20 @@ pub async fn authorize(State(state): State<AppState>, req: Request, next: Next) 
     if state.auth.mode() == AuthMode::Off {
         return next.run(req).await;
     }
+    // RFC 9449 §8.2: every response to a DPoP request, refusals included, tells the client the
+    // nonce to use next. Taken before the request is handed on (the headers go with it); a
+    // nonce stays valid for at least one more window, however long the request takes.
+    let nonce = state.auth.dpop_nonce_for(req.headers());
+    let mut resp = authorize_on(state, req, next).await;
+    if let Some(v) = nonce.and_then(|n| HeaderValue::from_str(&n).ok()) {
+        resp.headers_mut()
+            .insert(HeaderName::from_static(DPOP_NONCE_HEADER), v);
+    }
+    resp
+}
+
+/// [`authorize`] with auth on, without the `DPoP-Nonce` header.
+async fn authorize_on(state: AppState, req: Request, next: Next) -> Response {
     let mut log = AuditCtx::default();
     let resp = check(&state, req, next, &mut log).await;
     if let Some(call) = log.admin.take() {

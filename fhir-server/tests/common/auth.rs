@@ -424,6 +424,30 @@ pub fn proof(client: &Signer, method: &str, url: &str, token: &str, jti: &str) -
     )
 }
 
+/// Like [`proof`], with the server nonce `nonce` (RFC 9449 §8, the `DPoP-Nonce` header's value).
+pub fn proof_with_nonce(
+    client: &Signer,
+    method: &str,
+    url: &str,
+    token: &str,
+    jti: &str,
+    nonce: &str,
+) -> String {
+    sign_raw(
+        &json!({"typ": "dpop+jwt", "alg": "ES256", "jwk": client.jwk}),
+        &json!({
+            "jti": jti,
+            "htm": method,
+            "htu": url,
+            "iat": now(),
+            "ath": ath(token),
+            "nonce": nonce,
+        }),
+        &client.key,
+        Algorithm::ES256,
+    )
+}
+
 /// The auditor's view of trust-a's log for `query`, polled until `want(events)` holds, since
 /// reads are logged in the background.
 pub async fn audit_events(
