@@ -411,16 +411,60 @@ impl SearchIndex {
         ty: ResourceType,
         criteria: &str,
     ) -> Result<Vec<ResourceId>, SearchError> {
+        Ok(self
+            .find_versions(tenant, ty, criteria)?
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect())
+    }
+
+    /// [`SearchIndex::find`] with the version of each match the index holds: what
+    /// [`fhir_store::Condition::resolved`] takes, so that the store's writer can re-check the
+    /// search's verdict when it writes.
+    pub fn find_versions(
+        &self,
+        tenant: &TenantId,
+        ty: ResourceType,
+        criteria: &str,
+    ) -> Result<Vec<(ResourceId, VersionId)>, SearchError> {
         let params = criteria_params(criteria)?;
-        let req = self.parse(tenant, &Scope::Type(ty), &params, Handling::Strict)?;
+        // One catch-up: the registry and the snapshot are both as of every write before.
         let (ti, _) = self.inner.caught_up(tenant)?;
+        let req =
+            SearchRequest::parse(&ti.registry(), &Scope::Type(ty), &params, Handling::Strict)?;
         let searcher = ti.reader.searcher();
         let q = self.inner.compile(&ti.fields, &searcher, &req)?;
         let (_, addrs) = searcher.search(&q, &TopCollector::new(&[], usize::MAX))?;
         Ok(keys_and_versions(&searcher, &addrs)?
             .into_iter()
-            .filter_map(|h| parse_key(&h.key).map(|(_, id)| id))
+            .filter_map(|h| parse_key(&h.key).map(|(_, id)| (id, VersionId(h.version))))
             .collect())
+    }
+
+    /// Serialises conditional operations on these criteria (`(type, URL query)` pairs) with
+    /// every other conditional operation on any of them in this process — the single ones of
+    /// [`conditional_create`](SearchIndex::conditional_create) and friends, and other callers
+    /// of this — until the guard is dropped. Take it before searching and drop it after the
+    /// write is committed: then the next holder's search sees the write.
+    ///
+    /// The locks are striped (criteria are hashed onto a fixed set of mutexes, so unrelated
+    /// criteria may share one) and taken in ascending order, so holders of several cannot
+    /// deadlock.
+    pub fn lock_criteria(
+        &self,
+        tenant: &TenantId,
+        criteria: &[(ResourceType, String)],
+    ) -> CriteriaGuard<'_> {
+        let stripes: BTreeSet<usize> = criteria
+            .iter()
+            .map(|(ty, c)| stripe(tenant, *ty, c))
+            .collect();
+        CriteriaGuard {
+            _guards: stripes
+                .into_iter()
+                .map(|i| lock(&self.inner.cond_locks[i]))
+                .collect(),
+        }
     }
 
     /// Conditional create (`If-None-Exist`): creates `resource` unless a resource of its type
@@ -618,6 +662,35 @@ impl SearchIndex {
     }
 }
 
+/// The locks of [`SearchIndex::lock_criteria`], released when dropped.
+#[must_use = "the criteria are locked only while the guard lives"]
+pub struct CriteriaGuard<'a> {
+    _guards: Vec<MutexGuard<'a, ()>>,
+}
+
+impl std::fmt::Debug for CriteriaGuard<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CriteriaGuard")
+            .field("stripes", &self._guards.len())
+            .finish()
+    }
+}
+
+/// The lock stripe of conditional operations on `criteria`: the same for the same parameters
+/// in any order and encoding (`_format`/`_pretty` aside), so that a Bundle entry and a REST
+/// request on the same criteria serialise.
+fn stripe(t: &TenantId, ty: ResourceType, criteria: &str) -> usize {
+    let q = criteria.split_once('?').map_or(criteria, |(_, q)| q);
+    let mut params: Vec<(String, String)> = form_urlencoded::parse(q.as_bytes())
+        .into_owned()
+        .filter(|(k, _)| !matches!(k.as_str(), "_format" | "_pretty"))
+        .collect();
+    params.sort();
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (t, ty, params).hash(&mut h);
+    (h.finish() % COND_STRIPES as u64) as usize
+}
+
 fn criteria_params(criteria: &str) -> Result<Vec<(String, String)>, SearchError> {
     let q = criteria.split_once('?').map_or(criteria, |(_, q)| q);
     let params: Vec<(String, String)> = form_urlencoded::parse(q.as_bytes())
@@ -681,12 +754,8 @@ impl Inner {
         ty: ResourceType,
         criteria: &str,
     ) -> Result<MutexGuard<'_, ()>, SearchError> {
-        let mut params = criteria_params(criteria)?;
-        params.sort();
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        (t, ty, params).hash(&mut h);
-        let stripe = (h.finish() % COND_STRIPES as u64) as usize;
-        Ok(lock(&self.cond_locks[stripe]))
+        criteria_params(criteria)?;
+        Ok(lock(&self.cond_locks[stripe(t, ty, criteria)]))
     }
 
     fn compile(

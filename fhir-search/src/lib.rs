@@ -53,10 +53,14 @@
 //! depth) and reverse chains; `_sort` (several keys), `_count`, `_total`, `_summary`,
 //! `_elements`, `_include`/`_revinclude` (`:iterate`, `*`); system-level search (`_type`),
 //! compartment search (Patient); custom SearchParameters per tenant ([`SearchIndex::reindex`]).
+//! Conditional create, update and delete on any criteria
+//! ([`SearchIndex::conditional_create`]), also inside `batch`/`transaction` Bundles
+//! processed by [`fhir_store::bundle::process`] with a [`BundleResolver`].
 //! Token modifiers `:in`, `:not-in`, `:below`, `:above` need terminology and are refused with
 //! [`SearchError::NotSupported`], never ignored.
 #![warn(missing_docs)]
 
+mod bundle;
 mod collect;
 mod dates;
 mod error;
@@ -68,7 +72,8 @@ mod summary;
 mod tenant;
 mod terms;
 
+pub use bundle::{BundleResolver, searchset};
 pub use error::SearchError;
-pub use index::{EntryMode, IndexOptions, SearchEntry, SearchIndex, SearchResult};
+pub use index::{CriteriaGuard, EntryMode, IndexOptions, SearchEntry, SearchIndex, SearchResult};
 pub use request::{Handling, Include, Scope, SearchRequest, SortKey, Summary, Total};
 pub use terms::normalize;

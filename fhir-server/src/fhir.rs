@@ -509,7 +509,10 @@ async fn patch(
 }
 
 /// `POST /fhir/{tenant}` with a `batch` or `transaction` Bundle (JSON or XML). The work — parse,
-/// validate in parallel, one commit — is [`fhir_store::bundle::process`], on the blocking pool.
+/// validate in parallel, resolve search criteria, one commit — is
+/// [`fhir_store::bundle::process`], on the blocking pool, with the search index as its
+/// [`fhir_search::BundleResolver`] (so conditional entries and `GET` entries take any search
+/// criteria, serialised with the REST conditional operations on the same criteria).
 async fn batch_or_transaction(
     State(state): State<AppState>,
     audited: AuditedStore,
@@ -525,10 +528,16 @@ async fn batch_or_transaction(
                 "the request body is empty; a batch or transaction Bundle is required",
             ));
         }
+        // Full search criteria in conditional entries, conditional references and GET
+        // entries; the resolver only searches, the writes go through the audited handle.
+        let resolver = state
+            .search
+            .bundle_resolver(crate::search::handling(&ctx.headers));
         let opts = fhir_store::bundle::BundleOptions {
             max_entries: state.config.max_bundle_entries,
             base_url: ctx.base.clone(),
             return_representation: ctx.prefer_return() != PreferReturn::Minimal,
+            resolver: Some(std::sync::Arc::new(resolver)),
         };
         let tenant = ctx.tenant.clone();
         let response = tokio::task::spawn_blocking(move || {
@@ -546,7 +555,15 @@ async fn batch_or_transaction(
                 _ => None,
             };
             let store = audited.store_as(kind);
-            fhir_store::bundle::process(&store, &tenant, tree, &opts).map_err(ApiError::from)
+            fhir_store::bundle::process(&store, &tenant, tree, &opts).map_err(|e| match e.status {
+                // The search index could not catch up in time (resolving search criteria):
+                // worth retrying, as for a REST search, not an internal error.
+                503 => ApiError::Outcome {
+                    status: StatusCode::SERVICE_UNAVAILABLE,
+                    issues: e.issues,
+                },
+                _ => ApiError::from(e),
+            })
         })
         .await
         .map_err(|e| ApiError::Internal(format!("bundle task failed: {e}")))??;

@@ -13,11 +13,11 @@ use axum::routing::{get, post};
 use fhir_core::{
     IssueType, OperationOutcome, Resource, ResourceId, ResourceType, TenantId, VersionId,
 };
-use fhir_search::{EntryMode, Handling, Scope, SearchError, SearchResult};
+use fhir_search::{Handling, Scope, SearchError, SearchResult};
 use fhir_store::{DeleteResult, Store, WriteResult};
 
 use crate::AppState;
-use crate::bundle::{BundleBuilder, BundleResponse, Entry};
+use crate::bundle::BundleResponse;
 use crate::error::ApiError;
 use crate::fhir::Fhir;
 use crate::format::{read_body, render_tree};
@@ -47,7 +47,7 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// `Prefer: handling=strict|lenient`.
-fn handling(headers: &HeaderMap) -> Handling {
+pub(crate) fn handling(headers: &HeaderMap) -> Handling {
     for v in headers.get_all("prefer") {
         let Ok(v) = v.to_str() else { continue };
         for part in v.split([',', ';']) {
@@ -87,51 +87,11 @@ fn query_string(params: &[(String, String)]) -> String {
     ser.finish()
 }
 
-/// The searchset Bundle of one page. `self_url` is the search as asked (first page) or the
-/// page's own link.
+/// The searchset Bundle of one page ([`fhir_search::searchset`], as `GET` entries of Bundles
+/// get it too). `self_url` is the search as asked (first page) or the page's own link.
 fn bundle(ctx: &Fhir, result: SearchResult, self_url: String) -> Response {
-    let mut b = BundleBuilder::new("searchset");
-    b.total = result.total;
-    b.links.push(("self", self_url));
-    if let Some(token) = &result.page_token {
-        let link = |offset: usize| {
-            let mut p = vec![
-                ("_getpages".to_string(), token.clone()),
-                ("_getpagesoffset".to_string(), offset.to_string()),
-                ("_count".to_string(), result.count.to_string()),
-            ];
-            p.extend(output_params(&ctx.params));
-            format!("{}?{}", ctx.base, query_string(&p))
-        };
-        if let Some(n) = result.next_offset {
-            b.links.push(("next", link(n)));
-        }
-        if let Some(p) = result.prev_offset {
-            b.links.push(("previous", link(p)));
-        }
-    }
-    for e in result.entries {
-        let r = e.resource;
-        b.entries.push(Entry {
-            full_url: Some(format!("{}/{}/{}", ctx.base, r.resource_type, r.id)),
-            resource: Some(r.json),
-            search_mode: Some(match e.mode {
-                EntryMode::Match => "match",
-                EntryMode::Include => "include",
-            }),
-            ..Entry::default()
-        });
-    }
-    if !result.warnings.is_empty() {
-        let oo = OperationOutcome::new(result.warnings).to_json();
-        b.entries.push(Entry {
-            full_url: Some(format!("urn:uuid:{}", uuid::Uuid::new_v4())),
-            resource: Some(oo.to_bytes()),
-            search_mode: Some("outcome"),
-            ..Entry::default()
-        });
-    }
-    b.into_fhir_response(ctx.neg)
+    fhir_search::searchset(result, &ctx.base, self_url, &output_params(&ctx.params))
+        .into_fhir_response(ctx.neg)
 }
 
 /// Runs a search in `scope` with `params` and renders its first page.

@@ -982,3 +982,372 @@ async fn capability_statement_lists_batch_transaction_and_patch() {
             .any(|i| i["code"] == "patch")
     );
 }
+
+// ------------------------------------------------------------------ full search criteria
+
+/// A Patient with a name and birth date (and no identifier).
+fn named_patient(given: &str, family: &str, birth_date: &str) -> Value {
+    json!({"resourceType": "Patient", "name": [{"family": family, "given": [given]}],
+           "birthDate": birth_date})
+}
+
+fn pulse_for(patient: &str, value: u32) -> Value {
+    json!({"resourceType": "Observation", "status": "final",
+           "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+           "subject": {"reference": patient},
+           "effectiveDateTime": "2026-11-23T08:15:00+01:00",
+           "valueQuantity": {"value": value, "unit": "/min"}})
+}
+
+fn id_of(v: &Value) -> String {
+    v["id"].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn transaction_if_none_exist_on_search_criteria() {
+    let s = TestServer::start().await;
+    let kari = id_of(&s.create("default", &patient("11111111111")).await);
+    let bundle = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        // Matches Kari (name and birth date): nothing created.
+        {"resource": named_patient("Kari", "Nordmann", "1970-01-01"),
+         "request": {"method": "POST", "url": "Patient",
+                     "ifNoneExist": "family=Nordmann&birthdate=1970-01-01"}},
+        // Matches nobody: created, once, although the entry comes twice.
+        {"fullUrl": "urn:uuid:6b0f5c1e-2d3a-4b5c-8d9e-0f1a2b3c4d01",
+         "resource": named_patient("Per", "Hansen", "1980-02-02"),
+         "request": {"method": "POST", "url": "Patient",
+                     "ifNoneExist": "Patient?birthdate=1980-02-02&family=Hansen"}},
+        {"fullUrl": "urn:uuid:6b0f5c1e-2d3a-4b5c-8d9e-0f1a2b3c4d02",
+         "resource": named_patient("Per", "Hansen", "1980-02-02"),
+         "request": {"method": "POST", "url": "Patient",
+                     "ifNoneExist": "family=Hansen&birthdate=1980-02-02"}}
+    ]});
+    let resp = json(post_bundle(&s, &bundle).await).await;
+    assert_eq!(
+        statuses(&resp),
+        vec!["200 OK", "201 Created", "200 OK"],
+        "{resp}"
+    );
+    let e = resp["entry"].as_array().unwrap();
+    assert_eq!(rel(&e[0]), format!("Patient/{kari}"));
+    assert_eq!(rel(&e[1]), rel(&e[2]));
+    assert_eq!(system_history(&s).await.len(), 2);
+    // Retried: nothing new.
+    let again = json(post_bundle(&s, &bundle).await).await;
+    assert_eq!(statuses(&again), vec!["200 OK"; 3]);
+    assert_eq!(rel(&again["entry"][1]), rel(&e[1]));
+    assert_eq!(system_history(&s).await.len(), 2);
+    // Two matches: 412 naming the entry.
+    s.create("default", &patient("22222222222")).await;
+    let two = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": named_patient("Kari", "Nordmann", "1970-01-01"),
+         "request": {"method": "POST", "url": "Patient",
+                     "ifNoneExist": "family=Nordmann&birthdate=1970-01-01"}}]});
+    let oo = outcome(post_bundle(&s, &two).await, StatusCode::PRECONDITION_FAILED).await;
+    assert!(
+        issues_text(&oo).contains("Bundle.entry[0]"),
+        "{}",
+        issues_text(&oo)
+    );
+}
+
+#[tokio::test]
+async fn conditional_update_and_delete_entries_on_search_criteria() {
+    let s = TestServer::start().await;
+    let upd = id_of(&s.create("default", &pulse_for("Patient/p-upd", 70)).await);
+    let del = id_of(&s.create("default", &pulse_for("Patient/p-del", 71)).await);
+    let keep = id_of(&s.create("default", &pulse_for("Patient/p-keep", 72)).await);
+    let bundle = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": pulse_for("Patient/p-upd", 99),
+         "request": {"method": "PUT",
+                     "url": "Observation?subject=Patient/p-upd&code=http://loinc.org|8867-4"}},
+        {"request": {"method": "DELETE", "url": "Observation?subject=Patient/p-del&code=8867-4"}},
+        // No match: the update creates.
+        {"resource": pulse_for("Patient/p-new", 60),
+         "request": {"method": "PUT", "url": "Observation?subject=Patient/p-new&code=8867-4"}}
+    ]});
+    let resp = json(post_bundle(&s, &bundle).await).await;
+    assert_eq!(
+        statuses(&resp),
+        vec!["200 OK", "204 No Content", "201 Created"],
+        "{resp}"
+    );
+    let e = resp["entry"].as_array().unwrap();
+    assert_eq!(rel(&e[0]), format!("Observation/{upd}"));
+    let o = read(&s, &format!("Observation/{upd}")).await;
+    assert_eq!(o["meta"]["versionId"], "2");
+    assert_eq!(o["valueQuantity"]["value"], 99);
+    assert_eq!(
+        s.get("default", &format!("/Observation/{del}"))
+            .await
+            .status(),
+        StatusCode::GONE
+    );
+    assert_eq!(
+        read(&s, &format!("Observation/{keep}")).await["meta"]["versionId"],
+        "1"
+    );
+    // Several matches: the whole transaction fails with 412 naming the entry.
+    s.create("default", &pulse_for("Patient/p-keep", 73)).await;
+    let before = system_history(&s).await.len();
+    let bundle = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": named_patient("A", "B", "1999-09-09"),
+         "request": {"method": "POST", "url": "Patient"}},
+        {"request": {"method": "DELETE", "url": "Observation?subject=Patient/p-keep"}}
+    ]});
+    let oo = outcome(
+        post_bundle(&s, &bundle).await,
+        StatusCode::PRECONDITION_FAILED,
+    )
+    .await;
+    assert!(
+        issues_text(&oo).contains("Bundle.entry[1]"),
+        "{}",
+        issues_text(&oo)
+    );
+    assert_eq!(system_history(&s).await.len(), before);
+}
+
+#[tokio::test]
+async fn conditional_references_on_search_criteria() {
+    let s = TestServer::start().await;
+    let kari = id_of(
+        &s.create("default", &named_patient("Kari", "Nordmann", "1970-01-01"))
+            .await,
+    );
+    s.create("default", &named_patient("Ola", "Hansen", "1980-05-05"))
+        .await;
+    s.create("default", &named_patient("Ola", "Hansen", "1980-05-05"))
+        .await;
+    let obs_to = |reference: &str| {
+        json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+            {"resource": {"resourceType": "Patient"}, "request": {"method": "POST", "url": "Patient"}},
+            {"resource": pulse_for(reference, 70), "request": {"method": "POST", "url": "Observation"}}]})
+    };
+    // Exactly one: resolved.
+    let resp = json(post_bundle(&s, &obs_to("Patient?name=Kari&birthdate=1970-01-01")).await).await;
+    assert_eq!(
+        statuses(&resp),
+        vec!["201 Created", "201 Created"],
+        "{resp}"
+    );
+    let o = read(&s, &rel(&resp["entry"][1])).await;
+    assert_eq!(o["subject"]["reference"], format!("Patient/{kari}"));
+    let written = system_history(&s).await.len();
+    // None: 400; two: 412; either names the entry and writes nothing.
+    let oo = outcome(
+        post_bundle(&s, &obs_to("Patient?name=Nobody&birthdate=1970-01-01")).await,
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
+    let text = issues_text(&oo);
+    assert!(
+        text.contains("Bundle.entry[1]") && text.contains("matches no resource"),
+        "{text}"
+    );
+    let oo = outcome(
+        post_bundle(&s, &obs_to("Patient?name=Ola&birthdate=1980-05-05")).await,
+        StatusCode::PRECONDITION_FAILED,
+    )
+    .await;
+    let text = issues_text(&oo);
+    assert!(
+        text.contains("Bundle.entry[1]") && text.contains("matches 2"),
+        "{text}"
+    );
+    assert_eq!(system_history(&s).await.len(), written);
+    // The same criteria as an entry's ifNoneExist: that entry's resource, new or found.
+    let linked = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": pulse_for("Patient?name=Per&birthdate=1990-01-01", 70),
+         "request": {"method": "POST", "url": "Observation"}},
+        {"resource": named_patient("Per", "Berg", "1990-01-01"),
+         "request": {"method": "POST", "url": "Patient",
+                     "ifNoneExist": "name=Per&birthdate=1990-01-01"}}]});
+    for expected in ["201 Created", "200 OK"] {
+        let resp = json(post_bundle(&s, &linked).await).await;
+        assert_eq!(statuses(&resp), vec!["201 Created", expected], "{resp}");
+        let o = read(&s, &rel(&resp["entry"][0])).await;
+        assert_eq!(o["subject"]["reference"], rel(&resp["entry"][1]));
+    }
+}
+
+#[tokio::test]
+async fn batch_get_entries_run_full_searches() {
+    let s = TestServer::start().await;
+    for v in [70, 80, 90] {
+        s.create("default", &pulse_for("Patient/px", v)).await;
+    }
+    let mut other = pulse_for("Patient/px", 120);
+    other["code"] = json!({"coding": [{"system": "http://loinc.org", "code": "8480-6"}]});
+    s.create("default", &other).await;
+    let bundle = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "GET",
+                     "url": "Observation?subject=Patient/px&code=http://loinc.org|8867-4&_sort=-value-quantity"}},
+        {"request": {"method": "GET", "url": "Observation?subject=Patient/px&code=8867-4&_count=2"}},
+        {"request": {"method": "GET", "url": "Observation?subject=Patient/px&bogus=1"}},
+        {"request": {"method": "GET", "url": "Observation?date=notadate"}},
+        {"request": {"method": "GET", "url": "Observation?patient=px&_summary=count"}}
+    ]});
+    let resp = json(post_bundle(&s, &bundle).await).await;
+    assert_eq!(
+        statuses(&resp),
+        vec!["200 OK", "200 OK", "200 OK", "400 Bad Request", "200 OK"],
+        "{resp}"
+    );
+    let e = resp["entry"].as_array().unwrap();
+    let first = &e[0]["resource"];
+    assert_eq!(first["type"], "searchset");
+    assert_eq!(first["total"], 3);
+    let values: Vec<i64> = first["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["resource"]["valueQuantity"]["value"].as_i64().unwrap())
+        .collect();
+    assert_eq!(values, vec![90, 80, 70]);
+    // Paging works as in a REST search: the next link serves the rest.
+    let paged = &e[1]["resource"];
+    assert_eq!(paged["entry"].as_array().unwrap().len(), 2);
+    let next = paged["link"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["relation"] == "next")
+        .unwrap()["url"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let rest = json(s.client.get(&next).send().await.unwrap()).await;
+    assert_eq!(rest["entry"].as_array().unwrap().len(), 1, "{rest}");
+    // An unknown parameter is ignored and named in an outcome entry, as in REST.
+    let lenient = &e[2]["resource"];
+    assert_eq!(lenient["total"], 4);
+    let last = lenient["entry"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["search"]["mode"], "outcome");
+    assert!(last.to_string().contains("bogus"), "{last}");
+    // A malformed value is that entry's 400.
+    let oo = &e[3]["response"]["outcome"];
+    assert!(issues_text(oo).contains("Bundle.entry[3]"), "{oo}");
+    assert_eq!(e[4]["resource"]["total"], 4);
+    assert!(e[4]["resource"].get("entry").is_none());
+    // With Prefer: handling=strict the unknown parameter is an error.
+    let r = s
+        .client
+        .post(s.fhir("default", ""))
+        .header("content-type", FHIR_JSON)
+        .header("prefer", "handling=strict")
+        .body(bundle.to_string())
+        .send()
+        .await
+        .unwrap();
+    let strict = json(r).await;
+    assert_eq!(strict["entry"][2]["response"]["status"], "400 Bad Request");
+}
+
+#[tokio::test]
+async fn bad_search_criteria_fail_the_entry_or_the_transaction() {
+    let s = TestServer::start().await;
+    let entries = |ty: &str| {
+        json!({"resourceType": "Bundle", "type": ty, "entry": [
+            {"resource": pulse_for("Patient/p1", 70), "request": {"method": "POST", "url": "Observation"}},
+            {"resource": named_patient("A", "B", "1970-01-01"),
+             "request": {"method": "POST", "url": "Patient", "ifNoneExist": "birthdate=notadate"}},
+            {"resource": named_patient("A", "B", "1970-01-01"),
+             "request": {"method": "PUT", "url": "Patient?bogus=1"}},
+            {"resource": pulse_for("Patient?birthdate=19700101x", 70),
+             "request": {"method": "POST", "url": "Observation"}}]})
+    };
+    let resp = json(post_bundle(&s, &entries("batch")).await).await;
+    assert_eq!(
+        statuses(&resp),
+        vec![
+            "201 Created",
+            "400 Bad Request",
+            "400 Bad Request",
+            "400 Bad Request"
+        ],
+        "{resp}"
+    );
+    let e = resp["entry"].as_array().unwrap();
+    for (i, member) in [
+        (1, "Bundle.entry[1].request.ifNoneExist"),
+        (2, "Bundle.entry[2].request.url"),
+        (3, "Bundle.entry[3].resource"),
+    ] {
+        let text = issues_text(&e[i]["response"]["outcome"]);
+        assert!(text.contains(member), "{i}: {text}");
+    }
+    assert!(issues_text(&e[2]["response"]["outcome"]).contains("bogus"));
+    assert_eq!(system_history(&s).await.len(), 1);
+    let oo = outcome(
+        post_bundle(&s, &entries("transaction")).await,
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
+    let text = issues_text(&oo);
+    assert!(
+        text.contains("Bundle.entry[1]")
+            && text.contains("Bundle.entry[2]")
+            && text.contains("Bundle.entry[3]"),
+        "{text}"
+    );
+    assert_eq!(system_history(&s).await.len(), 1);
+}
+
+/// Like `the_same_batch_from_eight_clients_yields_each_observation_once`, with `ifNoneExist`
+/// criteria the store cannot evaluate itself (identifier and subject; patient, code and date),
+/// so that every entry is a search.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_same_full_criteria_batch_from_eight_clients_yields_each_observation_once() {
+    let s = Arc::new(TestServer::start().await);
+    let n = 30;
+    let entries: Vec<String> = (0..n)
+        .map(|i| {
+            let v = format!("full-{i}");
+            let mut obs: Value =
+                serde_json::from_str(&bp_observation(&v, "Patient/p1", "128", "84")).unwrap();
+            obs["effectiveDateTime"] = json!(format!("2026-11-23T08:{i:02}:00+01:00"));
+            let criteria = if i % 2 == 0 {
+                format!("identifier={PHG}|{v}&subject=Patient/p1")
+            } else {
+                format!("patient=p1&code=http://loinc.org|85354-9&date=2026-11-23T07:{i:02}:00Z")
+            };
+            json!({"resource": obs,
+                   "request": {"method": "POST", "url": "Observation", "ifNoneExist": criteria}})
+            .to_string()
+        })
+        .collect();
+    let body = format!(
+        r#"{{"resourceType":"Bundle","type":"batch","entry":[{}]}}"#,
+        entries.join(",")
+    );
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (s, body) = (s.clone(), body.clone());
+        tasks.push(tokio::spawn(async move {
+            let r = post_text(&s, body).await;
+            assert_eq!(r.status(), StatusCode::OK);
+            json(r).await
+        }));
+    }
+    let mut created = 0;
+    let mut by_entry: HashMap<usize, HashSet<String>> = HashMap::new();
+    for t in tasks {
+        let resp = t.await.unwrap();
+        for (i, e) in resp["entry"].as_array().unwrap().iter().enumerate() {
+            match e["response"]["status"].as_str().unwrap() {
+                "201 Created" => created += 1,
+                "200 OK" => {}
+                other => panic!("entry {i}: {other}: {e}"),
+            }
+            by_entry.entry(i).or_default().insert(rel(e));
+        }
+    }
+    assert_eq!(created, n, "each Observation created exactly once");
+    assert!(
+        by_entry.values().all(|ids| ids.len() == 1),
+        "every client got the same ids"
+    );
+    let h = json(s.get("default", "/Observation/_history?_count=1000").await).await;
+    assert_eq!(h["entry"].as_array().unwrap().len(), n);
+}

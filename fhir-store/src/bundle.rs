@@ -12,10 +12,32 @@
 //!    `Type/id/_history/vid`, relative or under this tenant's [`BundleOptions::base_url`].
 //! 2. Every entry is parsed and its resource validated **in parallel** (rayon): that is most of
 //!    the CPU work of ingesting measurements, and it needs no lock.
-//! 3. The writes go to the store's single writer in **one** request:
-//!    [`Store::transaction_entries`] (all or nothing, spec order, references rewritten) or
-//!    [`Store::batch_entries`] (each entry on its own) — either way one durable commit.
-//! 4. GET/HEAD entries are answered after the commit, so a transaction's reads see its writes.
+//! 3. Search criteria the store cannot evaluate itself (anything but `_id` and `identifier`,
+//!    in `ifNoneExist`, `PUT`/`DELETE Type?…` and conditional references) are resolved by the
+//!    [`BundleOptions::resolver`], if there is one, under its locks on those criteria (see
+//!    [`CriteriaResolver`]); without one they are a `400` for the entry.
+//! 4. The writes go to the store's single writer in **one** request:
+//!    [`Store::transaction_entries_resolved`] (all or nothing, spec order, references
+//!    rewritten) or [`Store::batch_entries_resolved`] (each entry on its own) — either way one
+//!    durable commit. The writer re-checks the searches' results atomically with the writes.
+//! 5. GET/HEAD entries are answered after the commit, so a transaction's reads see its writes.
+//!    `GET Type?…` is a full search with the resolver (a `searchset` Bundle as the entry's
+//!    resource, `_count`, `_sort`, `_include`… and an `outcome` entry for ignored
+//!    parameters, as in a REST search); without one it takes `_id`/`identifier` only.
+//!
+//! ## Search-resolved criteria in a transaction
+//!
+//! They are resolved against the store as it is *before* the transaction (as HAPI FHIR does),
+//! and the writer re-checks the result after the transaction's deletes: a match the transaction
+//! deletes no longer matches. Resources the transaction creates are not seen by the search,
+//! with two exceptions that make retries and linked creates work: two entries with the same
+//! `ifNoneExist` criteria are one resource (the second answers `200` with the first's), and a
+//! conditional reference with the same criteria as an entry's `ifNoneExist` or conditional
+//! update resolves to that entry's resource. Otherwise the usual rules hold: an `ifNoneExist`
+//! with one match creates nothing, with several is a `412`; a conditional reference must match
+//! exactly one resource (none: `400`, several: `412`, naming the entry). In a batch, a
+//! resource created for such criteria by one entry counts as a match of the same criteria in
+//! the later entries.
 //!
 //! Response entries are in the order of the request. For a transaction, a failing entry fails
 //! the whole Bundle with a [`BundleError`] naming the entry (`Bundle.entry[3]`) and nothing is
@@ -48,6 +70,10 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use fhir_core::references::RefKind;
 use fhir_core::{
     Issue, IssueType, Json, Map, OperationOutcome, Resource, ResourceId, ResourceType, TenantId,
     VersionId,
@@ -55,7 +81,7 @@ use fhir_core::{
 use rayon::prelude::*;
 
 use crate::Store;
-use crate::condition::Condition;
+use crate::condition::{Condition, ResolvedReferences};
 use crate::error::StoreError;
 use crate::time::{format_micros, now_micros};
 use crate::types::{IfNoneMatch, ReadResult, TxEntry, WriteKind, WriteOp, WriteOutcome};
@@ -260,7 +286,7 @@ impl BundleBuilder {
 // ---------------------------------------------------------------------------------- options
 
 /// How [`process`] treats a Bundle.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct BundleOptions {
     /// Most entries accepted in one Bundle (default 10,000); more is a 413.
     pub max_entries: usize,
@@ -271,6 +297,10 @@ pub struct BundleOptions {
     /// return=representation`, the default) or only status, location and ETag
     /// (`return=minimal`).
     pub return_representation: bool,
+    /// Resolves search criteria the store cannot evaluate itself (anything but `_id` and
+    /// `identifier`) in conditional entries, conditional references and `GET Type?…` entries.
+    /// Without one (the default) such criteria are a `400` naming the entry.
+    pub resolver: Option<Arc<dyn CriteriaResolver>>,
 }
 
 impl Default for BundleOptions {
@@ -279,8 +309,123 @@ impl Default for BundleOptions {
             max_entries: 10_000,
             base_url: String::new(),
             return_representation: true,
+            resolver: None,
         }
     }
+}
+
+impl std::fmt::Debug for BundleOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BundleOptions")
+            .field("max_entries", &self.max_entries)
+            .field("base_url", &self.base_url)
+            .field("return_representation", &self.return_representation)
+            .field("resolver", &self.resolver.as_ref().map(|_| "…"))
+            .finish()
+    }
+}
+
+// ---------------------------------------------------------------------------------- criteria
+
+/// Why a [`CriteriaResolver`] could not resolve criteria or run a search: an HTTP status (400
+/// malformed or unknown parameters, 503 index behind, 500 the server's fault) and the issues
+/// for an OperationOutcome. [`process`] puts the entry's name in front of each issue.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{status}: {}", .issues.first().map(|i| i.diagnostics.as_str()).unwrap_or("criteria refused"))]
+pub struct CriteriaError {
+    /// The HTTP status.
+    pub status: u16,
+    /// What is wrong.
+    pub issues: Vec<Issue>,
+}
+
+/// Holds the locks of [`CriteriaResolver::lock`] until it is dropped.
+pub struct CriteriaLock<'a> {
+    _held: Box<dyn Held + 'a>,
+}
+
+/// Anything: what a [`CriteriaLock`] keeps alive (and drops with it).
+trait Held {}
+impl<T> Held for T {}
+
+impl<'a> CriteriaLock<'a> {
+    /// Keeps `held` (e.g. mutex guards) until the lock is dropped.
+    pub fn new<T: 'a>(held: T) -> CriteriaLock<'a> {
+        CriteriaLock {
+            _held: Box::new(held),
+        }
+    }
+}
+
+impl std::fmt::Debug for CriteriaLock<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CriteriaLock")
+    }
+}
+
+/// Search for [`process`]: what the store cannot answer itself, a search index can.
+///
+/// [`process`] uses it for search criteria other than `_id`/`identifier` — `ifNoneExist`,
+/// `PUT Type?…`, `DELETE Type?…`, conditional references (`Patient?name=…&birthdate=…`) — and
+/// for `GET Type?…` entries. For the criteria of one Bundle it
+///
+/// 1. takes [`lock`](CriteriaResolver::lock) on all of them at once (given sorted, so that
+///    concurrent Bundles and single conditional operations cannot deadlock);
+/// 2. [`find`](CriteriaResolver::find)s each, which must see every write acknowledged before;
+/// 3. hands the matches to the store's writer as [`Condition::resolved`] conditions, which it
+///    re-checks atomically with the write (a match changed since the search fails the entry
+///    with a 412, one deleted since no longer matches);
+/// 4. drops the lock after the commit.
+///
+/// So conditional operations on the same criteria — in Bundles or single requests that take
+/// the same locks — never decide on a search that misses another's write: N clients sending
+/// the same batch create each resource once. `fhir_search::BundleResolver` is one, over a
+/// search index.
+///
+/// The resolver only reads; every write goes through the store handle given to [`process`]
+/// (which may carry an audit hook, see [`Store::with_audit`]).
+pub trait CriteriaResolver: Send + Sync {
+    /// Serialises conditional operations on the same criteria: holds until the returned lock
+    /// is dropped, and blocks while another holder has any of them. `criteria` are
+    /// `(type, normalised query)` pairs ([`crate::normalize_criteria`]), sorted and without
+    /// duplicates.
+    fn lock<'a>(
+        &'a self,
+        t: &TenantId,
+        criteria: &[(ResourceType, String)],
+    ) -> Result<CriteriaLock<'a>, CriteriaError>;
+
+    /// The current resources of type `ty` matching `criteria` (a URL query; every parameter
+    /// must be understood), each with the version the search saw, after every write
+    /// acknowledged before the call.
+    fn find(
+        &self,
+        t: &TenantId,
+        ty: ResourceType,
+        criteria: &str,
+    ) -> Result<Vec<(ResourceId, VersionId)>, CriteriaError>;
+
+    /// Whether `query` is a search that [`search`](CriteriaResolver::search) can run (a
+    /// transaction checks its `GET` entries before it writes anything, so that malformed
+    /// criteria refuse the whole transaction). The default accepts everything.
+    fn check_search(
+        &self,
+        _t: &TenantId,
+        _ty: ResourceType,
+        _query: &str,
+    ) -> Result<(), CriteriaError> {
+        Ok(())
+    }
+
+    /// A `GET base_url/ty?query` entry: the first page of the search as a `searchset`
+    /// Bundle, seeing every write acknowledged before the call (for a transaction, its own).
+    fn search(
+        &self,
+        t: &TenantId,
+        ty: ResourceType,
+        query: &str,
+        base_url: &str,
+    ) -> Result<BundleBuilder, CriteriaError>;
 }
 
 /// Why a Bundle as a whole was refused: an HTTP status and the issues for an OperationOutcome.
@@ -353,9 +498,11 @@ enum ReadKind {
         id: ResourceId,
         version: VersionId,
     },
+    /// `Type?query`: with a [`CriteriaResolver`] a full search (`cond` is `None`), else the
+    /// criteria the store evaluates itself.
     Search {
         ty: ResourceType,
-        cond: Condition,
+        cond: Option<Condition>,
         query: String,
     },
 }
@@ -373,6 +520,95 @@ struct Parsed {
     /// `PUT Patient/1`, for messages.
     label: String,
     action: Action,
+    /// The criteria of the entry that only a search can resolve.
+    needs: Vec<Need>,
+}
+
+/// Search criteria a write entry needs resolved before it is written.
+#[derive(Debug, Clone)]
+struct Need {
+    ty: ResourceType,
+    /// Normalised ([`crate::normalize_criteria`]).
+    criteria: String,
+    /// A conditional reference, as written (else the entry's own condition).
+    reference: Option<String>,
+}
+
+impl Need {
+    fn key(&self) -> (ResourceType, String) {
+        (self.ty, self.criteria.clone())
+    }
+}
+
+/// The entry's own condition (`ifNoneExist`, `PUT`/`DELETE Type?…`), and the member that
+/// holds it.
+fn condition_mut(op: &mut WriteOp) -> Option<(&mut Condition, &'static str)> {
+    match op {
+        WriteOp::Create {
+            if_none_exist: Some(c),
+            ..
+        } => Some((c, "request.ifNoneExist")),
+        WriteOp::ConditionalUpdate { cond, .. } | WriteOp::ConditionalDelete { cond, .. } => {
+            Some((cond, "request.url"))
+        }
+        _ => None,
+    }
+}
+
+/// What only a search can resolve in a write entry: its own condition, if the store cannot
+/// evaluate it, and conditional references (`Type?query`) on criteria the store cannot
+/// evaluate.
+fn needs_of(e: &mut TxEntry) -> Vec<Need> {
+    let mut needs = Vec::new();
+    let ty = match &e.op {
+        WriteOp::Create { resource, .. }
+        | WriteOp::Update { resource, .. }
+        | WriteOp::UpdateIfNoneMatch { resource, .. } => resource.resource_type(),
+        WriteOp::ConditionalUpdate { ty, .. }
+        | WriteOp::ConditionalDelete { ty, .. }
+        | WriteOp::Patch { ty, .. }
+        | WriteOp::Delete { ty, .. } => *ty,
+    };
+    if let Some((c, _)) = condition_mut(&mut e.op)
+        && let Some(criteria) = c.unresolved_criteria()
+    {
+        needs.push(Need {
+            ty,
+            criteria: criteria.to_string(),
+            reference: None,
+        });
+    }
+    let resource = match &mut e.op {
+        WriteOp::Create { resource, .. }
+        | WriteOp::Update { resource, .. }
+        | WriteOp::ConditionalUpdate { resource, .. }
+        | WriteOp::UpdateIfNoneMatch { resource, .. } => resource,
+        _ => return needs,
+    };
+    resource.visit_references_mut(&mut |kind, s| {
+        if kind != RefKind::Reference {
+            return;
+        }
+        // The same test as the writer's: a relative `Type?query`.
+        let Some((ty, query)) = s.split_once('?') else {
+            return;
+        };
+        let Some(ty) = ResourceType::parse(ty) else {
+            return;
+        };
+        if Condition::parse(query).is_err()
+            && !needs
+                .iter()
+                .any(|n| n.reference.as_deref() == Some(s.as_str()))
+        {
+            needs.push(Need {
+                ty,
+                criteria: crate::normalize_criteria(query),
+                reference: Some(s.clone()),
+            });
+        }
+    });
+    needs
 }
 
 /// A failed entry: its HTTP status and issues.
@@ -423,7 +659,10 @@ fn split_url<'a>(url: &'a str, base: &str) -> Result<(Vec<&'a str>, Option<&'a s
     let rel = match url.strip_prefix(base).and_then(|r| r.strip_prefix('/')) {
         Some(r) if !base.is_empty() => r,
         _ => {
-            if url.contains("://") || url.starts_with('/') {
+            // Only the path says whether the URL is absolute: criteria often hold URLs
+            // (`code=http://loinc.org|8867-4`).
+            let path = url.split_once('?').map_or(url, |(p, _)| p);
+            if path.contains("://") || url.starts_with('/') {
                 let base_hint = if base.is_empty() {
                     String::new()
                 } else {
@@ -620,15 +859,18 @@ fn parse_entry(index: usize, entry: Json, opts: &BundleOptions) -> Result<Parsed
     let condition = |q: &str, member: &str| -> Result<Condition, EntryError> {
         // `ifNoneExist` may be given with or without the `Type?` in front.
         let q = q.split_once('?').map_or(q, |(_, q)| q);
-        Condition::parse(q).map_err(|e| {
-            entry_error(
+        match Condition::parse(q) {
+            Ok(c) => Ok(c),
+            // Resolved by a search before the write (see `resolve`).
+            Err(_) if opts.resolver.is_some() => Ok(Condition::unresolved(q)),
+            Err(e) => Err(entry_error(
                 index,
                 400,
                 IssueType::NotSupported,
                 member,
                 format!("{label}: {e}"),
-            )
-        })
+            )),
+        }
     };
     let body = |resource: Option<Json>| -> Result<Resource, EntryError> {
         let json = resource.ok_or_else(|| {
@@ -769,7 +1011,10 @@ fn parse_entry(index: usize, entry: Json, opts: &BundleOptions) -> Result<Parsed
         (Method::Get | Method::Head, [_], Some(q)) => Action::Read {
             read: ReadKind::Search {
                 ty,
-                cond: condition(q, "request.url")?,
+                cond: match opts.resolver {
+                    Some(_) => None,
+                    None => Some(condition(q, "request.url")?),
+                },
                 query: q.to_string(),
             },
             head: method == Method::Head,
@@ -785,10 +1030,16 @@ fn parse_entry(index: usize, entry: Json, opts: &BundleOptions) -> Result<Parsed
             )));
         }
     };
+    let mut action = action;
+    let needs = match (&mut action, &opts.resolver) {
+        (Action::Write(e), Some(_)) => needs_of(e),
+        _ => Vec::new(),
+    };
     Ok(Parsed {
         index,
         label,
         action,
+        needs,
     })
 }
 
@@ -807,6 +1058,8 @@ fn reason(code: u16) -> &'static str {
         412 => "Precondition Failed",
         413 => "Payload Too Large",
         422 => "Unprocessable Entity",
+        403 => "Forbidden",
+        503 => "Service Unavailable",
         _ => "Internal Server Error",
     }
 }
@@ -840,6 +1093,43 @@ fn store_issues(e: &StoreError, entry: Option<(usize, &str)>) -> Vec<Issue> {
             i.diagnostics = format!("{text}{}", i.diagnostics);
             i
         }));
+    }
+    issues
+}
+
+/// A resolver's issues about entry `index`: each names the entry in its diagnostics and,
+/// unless it has a more precise one, in its expression (`Bundle.entry[3].member`).
+fn named(issues: Vec<Issue>, index: usize, label: &str, member: &str) -> Vec<Issue> {
+    let path = if member.is_empty() {
+        entry_path(index)
+    } else {
+        format!("{}.{member}", entry_path(index))
+    };
+    issues
+        .into_iter()
+        .map(|mut i| {
+            i.diagnostics = format!("Bundle.entry[{index}] ({label}): {}", i.diagnostics);
+            if i.expression.is_none() {
+                i.expression = Some(path.clone());
+            }
+            i
+        })
+        .collect()
+}
+
+/// The issues of a failed write entry; `searched`: whether the entry had search-resolved
+/// criteria, whose re-check in the writer is the likely cause of a version conflict.
+fn write_issues(e: &StoreError, index: usize, label: &str, searched: bool) -> Vec<Issue> {
+    let mut issues = store_issues(e, Some((index, label)));
+    if searched && matches!(e, StoreError::VersionConflict { .. }) {
+        issues.push(Issue {
+            expression: Some(entry_path(index)),
+            ..Issue::information(format!(
+                "Bundle.entry[{index}] ({label}): a resource matched by the entry's search \
+                 criteria changed between the search and the write (unless the conflict is \
+                 the entry's ifMatch), so the entry was not applied; send it again"
+            ))
+        });
     }
     issues
 }
@@ -965,7 +1255,17 @@ fn read_entry(
             })
         }
         ReadKind::Search { ty, cond, query } => {
-            search(store, t, ty, &cond, &query, opts).map(|b| Entry {
+            let searched = match (cond, &opts.resolver) {
+                (Some(cond), _) => search(store, t, ty, &cond, &query, opts),
+                (None, Some(resolver)) => match resolver.search(t, ty, &query, &opts.base_url) {
+                    Ok(b) => Ok(b),
+                    Err(e) => {
+                        return failed_entry(e.status, named(e.issues, index, label, ""));
+                    }
+                },
+                (None, None) => Err(crate::unexpected()),
+            };
+            searched.map(|b| Entry {
                 response: Some(EntryResponse {
                     status: status_line(200),
                     ..EntryResponse::default()
@@ -1003,6 +1303,89 @@ fn search(
             .push(("self", format!("{}/{ty}?{query}", opts.base_url)));
     }
     Ok(b)
+}
+
+/// The issues of a transaction's failing entries; the status of the first.
+#[derive(Default)]
+struct Refused {
+    status: u16,
+    issues: Vec<Issue>,
+}
+
+impl Refused {
+    fn add(&mut self, status: u16, issues: Vec<Issue>) {
+        if self.issues.is_empty() {
+            self.status = status;
+        }
+        self.issues.extend(issues);
+    }
+
+    /// Fails with the issues gathered, if any.
+    fn check(&mut self) -> Result<(), BundleError> {
+        if self.issues.is_empty() {
+            return Ok(());
+        }
+        let mut issues = std::mem::take(&mut self.issues);
+        if issues.len() > MAX_ISSUES {
+            issues.truncate(MAX_ISSUES);
+            issues.push(Issue::error(
+                IssueType::TooCosts,
+                format!("more than {MAX_ISSUES} issues; stopped reporting"),
+            ));
+        }
+        Err(BundleError {
+            status: self.status,
+            issues,
+        })
+    }
+}
+
+/// What the searches found, per (type, normalised criteria).
+type Found = HashMap<(ResourceType, String), Result<Condition, CriteriaError>>;
+
+/// Puts the search results `found` into a write entry: its own condition, and its conditional
+/// references into `refs`. Fails with the status, member and issues of the first criteria the
+/// search refused.
+fn apply_resolved(
+    e: &mut TxEntry,
+    needs: &[Need],
+    found: &Found,
+    refs: &mut ResolvedReferences,
+) -> Result<(), (u16, &'static str, Vec<Issue>)> {
+    for need in needs {
+        let Some(result) = found.get(&need.key()) else {
+            continue;
+        };
+        match (&need.reference, result) {
+            (None, Ok(cond)) => {
+                if let Some((c, _)) = condition_mut(&mut e.op) {
+                    *c = cond.clone();
+                }
+            }
+            (None, Err(err)) => {
+                let member = condition_mut(&mut e.op).map_or("request", |(_, m)| m);
+                return Err((err.status, member, err.issues.clone()));
+            }
+            (Some(reference), Ok(cond)) => refs.insert(reference.clone(), cond.clone()),
+            (Some(reference), Err(err)) => {
+                let issues = err
+                    .issues
+                    .iter()
+                    .cloned()
+                    .map(|mut i| {
+                        i.diagnostics = format!(
+                            "the conditional reference '{}': {}",
+                            shorten(reference),
+                            i.diagnostics
+                        );
+                        i
+                    })
+                    .collect();
+                return Err((err.status, "resource", issues));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Processes a `batch` or `transaction` Bundle for tenant `t` and returns the response Bundle.
@@ -1102,76 +1485,125 @@ pub fn process(
         "batch-response"
     };
     let mut out: Vec<Option<Entry>> = vec![None; parsed.len()];
-    let mut writes: Vec<(usize, String, TxEntry)> = Vec::new();
+    let mut writes: Vec<(usize, String, TxEntry, Vec<Need>)> = Vec::new();
     let mut reads: Vec<(usize, String, ReadKind, bool)> = Vec::new();
-    let mut refused: Vec<Issue> = Vec::new();
-    let mut refused_status = 400;
+    let mut refused = Refused::default();
     for p in parsed {
         match p {
             Ok(Parsed {
                 index,
                 label,
                 action: Action::Write(e),
-            }) => writes.push((index, label, e)),
+                needs,
+            }) => writes.push((index, label, e, needs)),
             Ok(Parsed {
                 index,
                 label,
                 action: Action::Read { read, head },
+                ..
             }) => reads.push((index, label, read, head)),
-            Err(e) if transaction => {
-                if refused.is_empty() {
-                    refused_status = e.status;
-                }
-                refused.extend(e.issues);
-            }
+            Err(e) if transaction => refused.add(e.status, e.issues),
             Err(e) => out[e.index] = Some(failed_entry(e.status, e.issues)),
         }
     }
-    if !refused.is_empty() {
-        if refused.len() > MAX_ISSUES {
-            refused.truncate(MAX_ISSUES);
-            refused.push(Issue::error(
-                IssueType::TooCosts,
-                format!("more than {MAX_ISSUES} issues; stopped reporting"),
-            ));
-        }
-        return Err(BundleError {
-            status: refused_status,
-            issues: refused,
-        });
-    }
+    refused.check()?;
 
-    let (indexes, rest): (Vec<(usize, String)>, Vec<TxEntry>) = writes
-        .into_iter()
-        .map(|(i, label, e)| ((i, label), e))
-        .unzip();
-    if transaction {
-        let outcomes = store.transaction_entries(t, rest).map_err(|e| match e {
-            StoreError::TransactionFailed { index, source } => {
-                let (i, label) = indexes
-                    .get(index)
-                    .map_or((index, ""), |(i, l)| (*i, l.as_str()));
-                BundleError {
-                    status: source.http_status(),
-                    issues: store_issues(&source, Some((i, label))),
+    // Criteria only a search can resolve: locked, searched, and handed to the writer as
+    // `Condition::resolved`; the locks are held until the commit (see `CriteriaResolver`).
+    let mut refs = ResolvedReferences::new();
+    let mut lock = None;
+    if let Some(resolver) = opts.resolver.as_deref() {
+        if transaction {
+            // Malformed search criteria refuse the whole transaction before anything is
+            // written, like malformed conditions do.
+            for (i, label, read, _) in &reads {
+                if let ReadKind::Search {
+                    ty,
+                    cond: None,
+                    query,
+                } = read
+                    && let Err(e) = resolver.check_search(t, *ty, query)
+                {
+                    refused.add(e.status, named(e.issues, *i, label, "request.url"));
                 }
             }
-            other => BundleError::from_store(other),
-        })?;
-        for ((i, _), o) in indexes.into_iter().zip(outcomes) {
+            refused.check()?;
+        }
+        let keys: BTreeSet<(ResourceType, String)> = writes
+            .iter()
+            .flat_map(|(_, _, _, needs)| needs.iter().map(Need::key))
+            .collect();
+        if !keys.is_empty() {
+            let keys: Vec<(ResourceType, String)> = keys.into_iter().collect();
+            lock = Some(resolver.lock(t, &keys).map_err(|e| BundleError {
+                status: e.status,
+                issues: e.issues,
+            })?);
+            let found: Found = keys
+                .into_iter()
+                .map(|(ty, criteria)| {
+                    let r = resolver
+                        .find(t, ty, &criteria)
+                        .map(|matches| Condition::resolved(&criteria, matches));
+                    ((ty, criteria), r)
+                })
+                .collect();
+            let mut kept = Vec::with_capacity(writes.len());
+            for (i, label, mut e, needs) in writes {
+                match apply_resolved(&mut e, &needs, &found, &mut refs) {
+                    Ok(()) => kept.push((i, label, e, needs)),
+                    Err((status, member, issues)) => {
+                        let issues = named(issues, i, &label, member);
+                        if transaction {
+                            refused.add(status, issues);
+                        } else {
+                            out[i] = Some(failed_entry(status, issues));
+                        }
+                    }
+                }
+            }
+            writes = kept;
+            refused.check()?;
+        }
+    }
+
+    // (index, label, whether it has search-resolved criteria) of each write.
+    let (indexes, rest): (Vec<(usize, String, bool)>, Vec<TxEntry>) = writes
+        .into_iter()
+        .map(|(i, label, e, needs)| ((i, label, !needs.is_empty()), e))
+        .unzip();
+    if transaction {
+        let outcomes = store
+            .transaction_entries_resolved(t, rest, refs)
+            .map_err(|e| match e {
+                StoreError::TransactionFailed { index, source } => {
+                    let (i, label, searched) = indexes
+                        .get(index)
+                        .map_or((index, "", false), |(i, l, s)| (*i, l.as_str(), *s));
+                    BundleError {
+                        status: source.http_status(),
+                        issues: write_issues(&source, i, label, searched),
+                    }
+                }
+                other => BundleError::from_store(other),
+            })?;
+        for ((i, _, _), o) in indexes.into_iter().zip(outcomes) {
             out[i] = Some(write_entry(o, opts));
         }
     } else {
         let results = store
-            .batch_entries(t, rest)
+            .batch_entries_resolved(t, rest, refs)
             .map_err(BundleError::from_store)?;
-        for ((i, label), r) in indexes.into_iter().zip(results) {
+        for ((i, label, searched), r) in indexes.into_iter().zip(results) {
             out[i] = Some(match r {
                 Ok(o) => write_entry(o, opts),
-                Err(e) => failed_entry(e.http_status(), store_issues(&e, Some((i, &label)))),
+                Err(e) => failed_entry(e.http_status(), write_issues(&e, i, &label, searched)),
             });
         }
     }
+    // Committed: the next conditional operation on these criteria will see this Bundle's
+    // writes. The reads need no lock.
+    drop(lock);
     for (i, label, read, head) in reads {
         out[i] = Some(read_entry(store, t, i, &label, read, head, opts));
     }
@@ -1216,7 +1648,12 @@ mod tests {
             split_url("http://h/fhir/t/Patient?identifier=a", base).unwrap(),
             (vec!["Patient"], Some("identifier=a"))
         );
+        assert_eq!(
+            split_url("Observation?code=http://loinc.org|8867-4", base).unwrap(),
+            (vec!["Observation"], Some("code=http://loinc.org|8867-4"))
+        );
         assert!(split_url("http://h/fhir/other/Patient/1", base).is_err());
+        assert!(split_url("http://evil/Patient?a=http://h/fhir/t", base).is_err());
         assert!(split_url("http://h/fhir/tt/Patient/1", base).is_err());
         assert!(split_url("/fhir/t/Patient", base).is_err());
         assert!(split_url("?x=1", base).is_err());

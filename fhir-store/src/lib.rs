@@ -104,7 +104,7 @@ use fhir_core::{Json, Resource, ResourceId, ResourceType, TenantId, VersionId};
 pub use audit::{
     AuditCursor, AuditHook, AuditPage, AuditQuery, AuditRecord, AuditedWrite, InvalidAuditCursor,
 };
-pub use condition::Condition;
+pub use condition::{Condition, ResolvedReferences, normalize_criteria};
 pub use error::StoreError;
 pub use types::{
     Backend, Change, DeleteResult, HistoryEntry, HistoryPage, HistoryQuery, HistoryScope,
@@ -488,9 +488,23 @@ impl Store {
         t: &TenantId,
         entries: Vec<TxEntry>,
     ) -> Result<Vec<Result<WriteOutcome, StoreError>>, StoreError> {
+        self.batch_entries_resolved(t, entries, ResolvedReferences::new())
+    }
+
+    /// [`Store::batch_entries`] whose entries may carry [`Condition::resolved`] conditions, and
+    /// whose conditional references may be resolved by a search beforehand (`refs`). A
+    /// resource an entry creates for such criteria counts as a match of the same criteria in
+    /// the entries after it (the search could not see it).
+    pub fn batch_entries_resolved(
+        &self,
+        t: &TenantId,
+        entries: Vec<TxEntry>,
+        refs: ResolvedReferences,
+    ) -> Result<Vec<Result<WriteOutcome, StoreError>>, StoreError> {
         match self.submit(Job::Batch {
             tenant: t.clone(),
             entries,
+            refs,
         })? {
             Answer::Batch(results) => Ok(results),
             _ => Err(unexpected()),
@@ -530,9 +544,26 @@ impl Store {
         t: &TenantId,
         entries: Vec<TxEntry>,
     ) -> Result<Vec<WriteOutcome>, StoreError> {
+        self.transaction_entries_resolved(t, entries, ResolvedReferences::new())
+    }
+
+    /// [`Store::transaction_entries`] with conditional references whose criteria a search
+    /// resolved beforehand (`refs`, by the reference as written). Such a reference must match
+    /// exactly one resource: of the search's matches, those still current in the version the
+    /// search saw (one changed since fails the transaction with
+    /// [`StoreError::VersionConflict`]), plus the entries of this transaction whose own
+    /// `ifNoneExist` or conditional-update criteria are the same (the search could not see
+    /// them). The entries' own conditions may be [`Condition::resolved`] too.
+    pub fn transaction_entries_resolved(
+        &self,
+        t: &TenantId,
+        entries: Vec<TxEntry>,
+        refs: ResolvedReferences,
+    ) -> Result<Vec<WriteOutcome>, StoreError> {
         match self.submit(Job::Transaction {
             tenant: t.clone(),
             entries,
+            refs: Arc::new(refs),
         })? {
             Answer::Outcomes(o) => Ok(o),
             _ => Err(unexpected()),

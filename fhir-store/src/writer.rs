@@ -33,7 +33,7 @@ use fhir_core::search_param::SearchParamRegistry;
 use fhir_core::{Json, Resource, ResourceId, ResourceType, TenantId, VersionId};
 
 use crate::audit::{AuditHook, AuditRecord, AuditedWrite, record_keys};
-use crate::condition::{Condition, find};
+use crate::condition::{Condition, ResolvedReferences, find};
 use crate::error::StoreError;
 use crate::keys::{self, ChangeRecord, IndexedIdentifier, Pointer, TenantRecord, VersionRecord};
 use crate::kv::{Direction, Kv, WriteBatch, prefix_end};
@@ -71,10 +71,12 @@ pub(crate) enum Job {
         ops: Vec<WriteOp>,
     },
     /// A FHIR transaction: all-or-nothing, in the order of the spec, with placeholder and
-    /// conditional references resolved (see [`transaction`]).
+    /// conditional references resolved (see [`transaction`]); `refs` are the conditional
+    /// references a search resolved beforehand.
     Transaction {
         tenant: TenantId,
         entries: Vec<TxEntry>,
+        refs: Arc<ResolvedReferences>,
     },
     /// Append audit records (`D <t> a …` and their `D <t> p …` index entries).
     Audit {
@@ -85,6 +87,7 @@ pub(crate) enum Job {
     Batch {
         tenant: TenantId,
         entries: Vec<TxEntry>,
+        refs: ResolvedReferences,
     },
 }
 
@@ -178,7 +181,11 @@ impl Writer {
         let mut replies = Vec::with_capacity(requests.len());
         for Request { job, audit, reply } in requests {
             let result = match job {
-                Job::Batch { tenant, entries } => self.batch(&mut overlay, tenant, entries, audit),
+                Job::Batch {
+                    tenant,
+                    entries,
+                    refs,
+                } => self.batch(&mut overlay, tenant, entries, refs, audit),
                 job => {
                     let audit = audit.map_or(UnitAudit::Off, UnitAudit::Hook);
                     self.unit(&mut overlay, job, audit, None)
@@ -292,21 +299,39 @@ impl Writer {
 
     /// Each entry as its own unit (a one-entry transaction), answered one by one; then the
     /// audit hook, if any, with the entries that succeeded.
+    ///
+    /// A resource created for search-resolved criteria (an `ifNoneExist`, or a conditional
+    /// update that matched nothing) counts as a match of the same criteria in the later
+    /// entries: the search ran before the batch and could not see it, and with identifier
+    /// criteria the later entries would find it too. So the same measurement twice in one
+    /// batch is stored once, whatever its criteria.
     fn batch(
         &mut self,
         overlay: &mut Overlay,
         tenant: TenantId,
         entries: Vec<TxEntry>,
+        refs: ResolvedReferences,
         audit: Option<AuditHook>,
     ) -> Result<Answer, StoreError> {
         View::new(self.kv.as_ref(), overlay).require_tenant(&tenant)?;
         let mut undo = audit.as_ref().map(|_| Undo::new());
         let mut compartments = Compartments::new();
         let mut results = Vec::with_capacity(entries.len());
-        for entry in entries {
+        let mut refs = Arc::new(refs);
+        // (type, criteria) → the resource an earlier entry created for them.
+        let mut created: HashMap<(ResourceType, String), (ResourceId, VersionId)> = HashMap::new();
+        for mut entry in entries {
+            let creates_for = searched_condition_mut(&mut entry.op).map(|(ty, cond)| {
+                let key = (ty, cond.searched_criteria().unwrap_or_default().to_string());
+                if let Some((id, version)) = created.get(&key) {
+                    cond.add_match(id, *version);
+                }
+                key
+            });
             let job = Job::Transaction {
                 tenant: tenant.clone(),
                 entries: vec![entry],
+                refs: refs.clone(),
             };
             let result = match &mut undo {
                 Some(undo) => self.unit(
@@ -317,12 +342,21 @@ impl Writer {
                 ),
                 None => self.unit(overlay, job, UnitAudit::Off, None),
             };
-            results.push(match result {
+            let result = match result {
                 Ok(Answer::Outcomes(mut o)) => o.pop().ok_or_else(crate::unexpected),
                 Ok(_) => Err(crate::unexpected()),
                 Err(StoreError::TransactionFailed { source, .. }) => Err(*source),
                 Err(e) => Err(e),
-            });
+            };
+            if let (Some(key), Ok(WriteOutcome::Write(w))) = (creates_for, &result)
+                && w.kind == WriteKind::Created
+            {
+                let (id, version) = (w.resource.id.clone(), w.resource.version);
+                // The jobs before hold no clone any more, so this does not copy the map.
+                Arc::make_mut(&mut refs).add_match(&key.1, &id, version);
+                created.entry(key).or_insert((id, version));
+            }
+            results.push(result);
         }
         if let (Some(hook), Some(undo)) = (audit, undo) {
             let done: Vec<&WriteOutcome> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
@@ -359,6 +393,20 @@ impl Writer {
         }
         Ok(Answer::Batch(results))
     }
+}
+
+/// The search-resolved condition of an `ifNoneExist` create or a conditional update, with
+/// the type it is on.
+fn searched_condition_mut(op: &mut WriteOp) -> Option<(ResourceType, &mut Condition)> {
+    let (ty, cond) = match op {
+        WriteOp::Create {
+            resource,
+            if_none_exist: Some(cond),
+        } => (resource.resource_type(), cond),
+        WriteOp::ConditionalUpdate { ty, cond, .. } => (*ty, cond),
+        _ => return None,
+    };
+    cond.searched_criteria().is_some().then_some((ty, cond))
 }
 
 /// What a unit does for the audit trail.
@@ -444,9 +492,13 @@ impl Ctx<'_> {
             Job::MarkRemoving { id } => self.mark_removing(id).map(Answer::Flag),
             Job::Purge { id } => self.purge(id).map(Answer::Flag),
             Job::Write { tenant, ops } => self.write(tenant, ops).map(Answer::Outcomes),
-            Job::Transaction { tenant, entries } => {
-                self.fhir_transaction(tenant, entries).map(Answer::Outcomes)
-            }
+            Job::Transaction {
+                tenant,
+                entries,
+                refs,
+            } => self
+                .fhir_transaction(tenant, entries, &refs)
+                .map(Answer::Outcomes),
             Job::Audit { tenant, records } => {
                 self.view.require_tenant(&tenant)?;
                 self.put_audit(&tenant, records);
@@ -552,8 +604,9 @@ impl Ctx<'_> {
         &mut self,
         t: TenantId,
         entries: Vec<TxEntry>,
+        refs: &ResolvedReferences,
     ) -> Result<Vec<WriteOutcome>, StoreError> {
-        self.with_tx(t, |tx| tx.fhir_transaction(entries))
+        self.with_tx(t, |tx| tx.fhir_transaction(entries, refs))
     }
 
     fn with_tx<R>(

@@ -4,16 +4,19 @@
 #[macro_use]
 mod common;
 
-use std::sync::{Arc, Barrier};
+use std::sync::{Arc, Barrier, Mutex};
 use std::thread;
 
 use common::*;
 use fhir_core::patch::PatchError;
+use fhir_core::{Issue, IssueType, ResourceType, TenantId};
 use fhir_core::{Json, Resource, ResourceId, VersionId, json};
-use fhir_store::bundle::{BundleOptions, process};
+use fhir_store::bundle::{
+    BundleBuilder, BundleOptions, CriteriaError, CriteriaLock, CriteriaResolver, Entry, process,
+};
 use fhir_store::{
-    Backend, Condition, HistoryQuery, HistoryScope, IfNoneMatch, ReadResult, StoreError, TxEntry,
-    WriteKind, WriteOp, WriteOutcome, WriteResult,
+    Backend, Condition, HistoryQuery, HistoryScope, IfNoneMatch, ReadResult, ResolvedReferences,
+    Store, StoreError, TxEntry, WriteKind, WriteOp, WriteOutcome, WriteResult,
 };
 
 backend_tests!(
@@ -30,6 +33,12 @@ backend_tests!(
     if_none_match_star_creates_only_if_absent,
     bundle_process_library_call,
     concurrent_identical_batches_create_each_resource_once,
+    resolved_conditions_are_rechecked_by_the_writer,
+    transaction_with_search_resolved_conditions_and_references,
+    batch_counts_earlier_creates_for_the_same_resolved_criteria,
+    bundle_process_resolves_criteria_with_a_resolver,
+    bundle_process_without_a_resolver_refuses_search_criteria,
+    bundle_process_refuses_entries_whose_matches_changed_after_the_search,
 );
 
 fn r(src: &str) -> Resource {
@@ -813,4 +822,633 @@ fn concurrent_identical_batches_create_each_resource_once(backend: Backend) {
         let c = Condition::identifier(Some("urn:phg"), &format!("m-{i}"));
         assert_eq!(store.find(&t, obs_type(), &c).unwrap().len(), 1);
     }
+}
+
+fn resolved_conditions_are_rechecked_by_the_writer(backend: Backend) {
+    let (_dir, store, t) = setup(backend);
+    let p = store
+        .create(&t, patient(None, "1", "Hansen"), None)
+        .unwrap()
+        .resource;
+    let as_seen = |v: u64| Condition::resolved("family=Hansen", [(p.id.clone(), VersionId(v))]);
+    // The search saw the patient as it is: it matches.
+    let w = store
+        .create(&t, patient(None, "2", "Hansen"), Some(&as_seen(1)))
+        .unwrap();
+    assert_eq!(w.kind, WriteKind::Existing);
+    assert_eq!(w.resource.id, p.id);
+    // Nothing matched: created.
+    let none = Condition::resolved("family=Hansen", []);
+    let other = store
+        .create(&t, patient(None, "3", "Berg"), Some(&none))
+        .unwrap();
+    assert_eq!(other.kind, WriteKind::Created);
+    // Two matches: 412.
+    let two = Condition::resolved(
+        "family=Hansen",
+        [
+            (p.id.clone(), VersionId(1)),
+            (other.resource.id.clone(), VersionId(1)),
+        ],
+    );
+    let err = store
+        .create(&t, patient(None, "4", "Hansen"), Some(&two))
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::MultipleMatches { count: 2 }),
+        "{err}"
+    );
+    let seq = store.last_seq(&t).unwrap();
+    // Changed since the search: the search's verdict may be stale, nothing is written.
+    store
+        .update(&t, &p.id, patient(Some(p.id.as_str()), "1", "Hansen"), None)
+        .unwrap();
+    let err = store
+        .create(&t, patient(None, "5", "Hansen"), Some(&as_seen(1)))
+        .unwrap_err();
+    assert_eq!(
+        err,
+        StoreError::VersionConflict {
+            expected: VersionId(1),
+            actual: Some(VersionId(2))
+        }
+    );
+    assert_eq!(err.http_status(), 412);
+    let err = store
+        .conditional_delete(&t, patient_type(), &as_seen(1))
+        .unwrap_err();
+    assert!(matches!(err, StoreError::VersionConflict { .. }), "{err}");
+    assert_eq!(store.last_seq(&t).unwrap(), seq + 1);
+    // A conditional update of the version seen updates that resource.
+    let u = store
+        .conditional_update(
+            &t,
+            patient_type(),
+            &as_seen(2),
+            patient(None, "1", "Hansen-Berg"),
+            None,
+        )
+        .unwrap();
+    assert_eq!((u.kind, &u.resource.id), (WriteKind::Updated, &p.id));
+    assert_eq!(u.resource.version, VersionId(3));
+    // Deleted since the search: it matches nothing any more.
+    let d = store
+        .conditional_delete(&t, patient_type(), &as_seen(3))
+        .unwrap();
+    assert_eq!(d.id.as_ref(), Some(&p.id));
+    let w = store
+        .create(&t, patient(None, "1", "Hansen"), Some(&as_seen(4)))
+        .unwrap();
+    assert_eq!(w.kind, WriteKind::Created);
+    assert_ne!(w.resource.id, p.id);
+    // `Store::find` applies the same rules to committed state.
+    assert_eq!(
+        store.find(&t, patient_type(), &as_seen(4)).unwrap(),
+        Vec::<ResourceId>::new()
+    );
+}
+
+fn transaction_with_search_resolved_conditions_and_references(backend: Backend) {
+    let (_dir, store, t) = setup(backend);
+    let existing = store
+        .create(&t, patient(None, "1", "Berg"), None)
+        .unwrap()
+        .resource;
+    let hansen = Condition::resolved("family=Hansen", []);
+    let create = |url: &str| {
+        TxEntry::with_full_url(
+            url,
+            WriteOp::Create {
+                resource: patient(None, "2", "Hansen"),
+                if_none_exist: Some(hansen.clone()),
+            },
+        )
+    };
+    let obs_to = |reference: &str| {
+        TxEntry::new(WriteOp::Create {
+            resource: r(&format!(
+                r#"{{"resourceType":"Observation","status":"final","code":{{"text":"x"}},
+                "subject":{{"reference":"{reference}"}}}}"#
+            )),
+            if_none_exist: None,
+        })
+    };
+    let mut refs = ResolvedReferences::new();
+    // The same criteria as the creates: resolved to the resource they create.
+    refs.insert("Patient?family=Hansen", hansen.clone());
+    refs.insert(
+        "Patient?family=Berg",
+        Condition::resolved("family=Berg", [(existing.id.clone(), VersionId(1))]),
+    );
+    let out = store
+        .transaction_entries_resolved(
+            &t,
+            vec![
+                obs_to("Patient?family=Hansen"),
+                create("urn:uuid:1"),
+                create("urn:uuid:2"),
+                obs_to("Patient?family=Berg"),
+            ],
+            refs,
+        )
+        .unwrap();
+    // Two entries with the same ifNoneExist criteria are one resource.
+    assert_eq!(written(&out[1]).kind, WriteKind::Created);
+    assert_eq!(written(&out[2]).kind, WriteKind::Existing);
+    let new = &written(&out[1]).resource.id;
+    assert_eq!(&written(&out[2]).resource.id, new);
+    let o = stored_json(&store, &t, "Observation", &written(&out[0]).resource.id);
+    assert_eq!(
+        reference(&o, &["subject", "reference"]),
+        format!("Patient/{new}")
+    );
+    let o = stored_json(&store, &t, "Observation", &written(&out[3]).resource.id);
+    assert_eq!(
+        reference(&o, &["subject", "reference"]),
+        format!("Patient/{}", existing.id)
+    );
+    // Patient, Patient, two Observations.
+    assert_eq!(store.last_seq(&t).unwrap(), 4);
+
+    // No match, several matches, and a match that changed since the search: the transaction
+    // fails naming the entry, and writes nothing.
+    let fail = |cond: Condition| {
+        let mut refs = ResolvedReferences::new();
+        refs.insert("Patient?name=x", cond);
+        store
+            .transaction_entries_resolved(
+                &t,
+                vec![create("urn:uuid:3"), obs_to("Patient?name=x")],
+                refs,
+            )
+            .unwrap_err()
+    };
+    let err = fail(Condition::resolved("name=x", []));
+    assert!(
+        matches!(&err, StoreError::TransactionFailed { index: 1, source }
+            if matches!(**source, StoreError::UnresolvedReference { count: 0, .. })),
+        "{err}"
+    );
+    assert_eq!(err.http_status(), 400);
+    let err = fail(Condition::resolved(
+        "name=x",
+        [
+            (existing.id.clone(), VersionId(1)),
+            (new.clone(), VersionId(1)),
+        ],
+    ));
+    assert!(
+        matches!(&err, StoreError::TransactionFailed { index: 1, source }
+            if matches!(**source, StoreError::UnresolvedReference { count: 2, .. })),
+        "{err}"
+    );
+    assert_eq!(err.http_status(), 412);
+    let err = fail(Condition::resolved(
+        "name=x",
+        [(existing.id.clone(), VersionId(7))],
+    ));
+    assert!(
+        matches!(&err, StoreError::TransactionFailed { index: 1, source }
+            if matches!(**source, StoreError::VersionConflict { .. })),
+        "{err}"
+    );
+    assert_eq!(store.last_seq(&t).unwrap(), 4);
+    // A match the transaction deletes first no longer matches: the create goes ahead.
+    let out = store
+        .transaction_entries(
+            &t,
+            vec![
+                TxEntry::new(WriteOp::Create {
+                    resource: patient(None, "1", "Berg"),
+                    if_none_exist: Some(Condition::resolved(
+                        "family=Berg",
+                        [(existing.id.clone(), VersionId(1))],
+                    )),
+                }),
+                TxEntry::new(WriteOp::Delete {
+                    ty: patient_type(),
+                    id: existing.id.clone(),
+                    if_match: None,
+                }),
+            ],
+        )
+        .unwrap();
+    assert_eq!(written(&out[0]).kind, WriteKind::Created);
+}
+
+fn batch_counts_earlier_creates_for_the_same_resolved_criteria(backend: Backend) {
+    let (_dir, store, t) = setup(backend);
+    let cond = Condition::resolved("family=Hansen&birthdate=1970", []);
+    let create = || {
+        TxEntry::new(WriteOp::Create {
+            resource: patient(None, "2", "Hansen"),
+            if_none_exist: Some(cond.clone()),
+        })
+    };
+    let mut refs = ResolvedReferences::new();
+    refs.insert("Patient?birthdate=1970&family=Hansen", cond.clone());
+    let obs = TxEntry::new(WriteOp::Create {
+        resource: r(
+            r#"{"resourceType":"Observation","status":"final","code":{"text":"x"},
+            "subject":{"reference":"Patient?birthdate=1970&family=Hansen"}}"#,
+        ),
+        if_none_exist: None,
+    });
+    let update = TxEntry::new(WriteOp::ConditionalUpdate {
+        ty: patient_type(),
+        cond: cond.clone(),
+        resource: patient(None, "2", "Hansen"),
+        if_match: None,
+    });
+    let results = store
+        .batch_entries_resolved(&t, vec![create(), create(), obs, update], refs)
+        .unwrap();
+    let first = written(results[0].as_ref().unwrap());
+    let second = written(results[1].as_ref().unwrap());
+    assert_eq!(first.kind, WriteKind::Created);
+    assert_eq!(second.kind, WriteKind::Existing);
+    assert_eq!(first.resource.id, second.resource.id);
+    let o = stored_json(
+        &store,
+        &t,
+        "Observation",
+        &written(results[2].as_ref().unwrap()).resource.id,
+    );
+    assert_eq!(
+        reference(&o, &["subject", "reference"]),
+        format!("Patient/{}", first.resource.id)
+    );
+    let updated = written(results[3].as_ref().unwrap());
+    assert_eq!(updated.kind, WriteKind::Updated);
+    assert_eq!(updated.resource.id, first.resource.id);
+    // Patient, Observation, the Patient's second version.
+    assert_eq!(store.last_seq(&t).unwrap(), 3);
+}
+
+/// A stand-in for a search index: answers `family=…` on Patients by reading the store, logs
+/// what `process` asks, and refuses every other parameter.
+struct FamilyResolver {
+    store: Store,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+/// Logs the store's last sequence number when `process` releases the criteria.
+struct Unlock {
+    store: Store,
+    t: TenantId,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Drop for Unlock {
+    fn drop(&mut self) {
+        let seq = self.store.last_seq(&self.t).unwrap();
+        self.log.lock().unwrap().push(format!("unlock at {seq}"));
+    }
+}
+
+impl FamilyResolver {
+    fn family_matches(
+        &self,
+        t: &TenantId,
+        ty: ResourceType,
+        criteria: &str,
+    ) -> Result<Vec<(ResourceId, VersionId)>, CriteriaError> {
+        let family = match criteria.split_once('=') {
+            Some(("family", v)) if ty == patient_type() && !v.contains('&') => v.to_string(),
+            _ => {
+                return Err(CriteriaError {
+                    status: 400,
+                    issues: vec![Issue::error(
+                        IssueType::NotSupported,
+                        format!("unknown criteria '{criteria}'"),
+                    )],
+                });
+            }
+        };
+        let q = HistoryQuery {
+            count: 1000,
+            ..HistoryQuery::default()
+        };
+        let mut out = Vec::new();
+        for e in self
+            .store
+            .history(t, HistoryScope::Type(ty), &q)
+            .unwrap()
+            .entries
+        {
+            if out.iter().any(|(id, _)| *id == e.id) {
+                continue;
+            }
+            if let ReadResult::Found(r) = self.store.read(t, ty, &e.id).unwrap()
+                && text(&r.json).contains(&format!(r#""family":"{family}""#))
+            {
+                // As if the resource changed between the search and the write.
+                let seen = match family.as_str() {
+                    "Stale" => VersionId(r.version.0 - 1),
+                    _ => r.version,
+                };
+                out.push((r.id, seen));
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl CriteriaResolver for FamilyResolver {
+    fn lock<'a>(
+        &'a self,
+        t: &TenantId,
+        criteria: &[(ResourceType, String)],
+    ) -> Result<CriteriaLock<'a>, CriteriaError> {
+        let keys: Vec<String> = criteria.iter().map(|(ty, c)| format!("{ty}?{c}")).collect();
+        self.log
+            .lock()
+            .unwrap()
+            .push(format!("lock {}", keys.join(" ")));
+        Ok(CriteriaLock::new(Unlock {
+            store: self.store.clone(),
+            t: t.clone(),
+            log: self.log.clone(),
+        }))
+    }
+
+    fn find(
+        &self,
+        t: &TenantId,
+        ty: ResourceType,
+        criteria: &str,
+    ) -> Result<Vec<(ResourceId, VersionId)>, CriteriaError> {
+        self.log
+            .lock()
+            .unwrap()
+            .push(format!("find {ty}?{criteria}"));
+        self.family_matches(t, ty, criteria)
+    }
+
+    fn check_search(
+        &self,
+        t: &TenantId,
+        ty: ResourceType,
+        query: &str,
+    ) -> Result<(), CriteriaError> {
+        self.family_matches(t, ty, query).map(|_| ())
+    }
+
+    fn search(
+        &self,
+        t: &TenantId,
+        ty: ResourceType,
+        query: &str,
+        base_url: &str,
+    ) -> Result<BundleBuilder, CriteriaError> {
+        self.log
+            .lock()
+            .unwrap()
+            .push(format!("search {ty}?{query}"));
+        let mut b = BundleBuilder::new("searchset");
+        for (id, _) in self.family_matches(t, ty, query)? {
+            let r = found(self.store.read(t, ty, &id).unwrap());
+            b.entries.push(Entry {
+                full_url: Some(format!("{base_url}/{ty}/{id}")),
+                resource: Some(r.json),
+                search_mode: Some("match"),
+                ..Entry::default()
+            });
+        }
+        b.total = Some(b.entries.len() as u64);
+        Ok(b)
+    }
+}
+
+fn statuses_of(b: &BundleBuilder) -> Vec<String> {
+    b.entries
+        .iter()
+        .map(|e| e.response.as_ref().unwrap().status.clone())
+        .collect()
+}
+
+fn bundle_process_resolves_criteria_with_a_resolver(backend: Backend) {
+    let (_dir, store, t) = setup(backend);
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let opts = BundleOptions {
+        base_url: "http://fhir.example.no/fhir/hf-a".into(),
+        resolver: Some(Arc::new(FamilyResolver {
+            store: store.clone(),
+            log: log.clone(),
+        })),
+        ..BundleOptions::default()
+    };
+    let tx = json::parse(
+        br#"{"resourceType":"Bundle","type":"transaction","entry":[
+        {"request":{"method":"GET","url":"Patient?family=Hansen"}},
+        {"resource":{"resourceType":"Observation","status":"final","code":{"text":"x"},
+            "subject":{"reference":"Patient?family=Hansen"}},
+         "request":{"method":"POST","url":"Observation"}},
+        {"fullUrl":"urn:uuid:1","resource":{"resourceType":"Patient","name":[{"family":"Hansen"}]},
+         "request":{"method":"POST","url":"Patient","ifNoneExist":"Patient?family=Hansen"}},
+        {"resource":{"resourceType":"Patient","name":[{"family":"Berg"}]},
+         "request":{"method":"PUT","url":"Patient?family=Berg"}},
+        {"resource":{"resourceType":"Patient","name":[{"family":"Hansen"}]},
+         "request":{"method":"POST","url":"Patient","ifNoneExist":"family=Hansen"}}]}"#,
+    )
+    .unwrap();
+    let resp = process(&store, &t, tx.clone(), &opts).unwrap();
+    assert_eq!(
+        statuses_of(&resp),
+        [
+            "200 OK",
+            "201 Created",
+            "201 Created",
+            "201 Created",
+            "200 OK"
+        ]
+    );
+    let patient_id = resp.entries[2].full_url.clone().unwrap();
+    assert_eq!(resp.entries[4].full_url.as_ref(), Some(&patient_id));
+    let patient_rel = patient_id.split("/hf-a/").nth(1).unwrap().to_string();
+    let obs = json::parse(resp.entries[1].resource.as_ref().unwrap()).unwrap();
+    assert_eq!(reference(&obs, &["subject", "reference"]), patient_rel);
+    // The GET ran after the writes, through the resolver.
+    let found = json::parse(resp.entries[0].resource.as_ref().unwrap()).unwrap();
+    assert_eq!(found.get("total"), Some(&Json::Number("1".into())));
+    // One lock on the sorted, distinct criteria, held until after the commit; one search per
+    // criteria.
+    let events = std::mem::take(&mut *log.lock().unwrap());
+    assert_eq!(
+        events,
+        [
+            "lock Patient?family=Berg Patient?family=Hansen",
+            "find Patient?family=Berg",
+            "find Patient?family=Hansen",
+            "unlock at 3",
+            "search Patient?family=Hansen",
+        ]
+    );
+    // Again: the Patients are found, the conditional update updates; only a new Observation.
+    let resp = process(&store, &t, tx, &opts).unwrap();
+    assert_eq!(
+        statuses_of(&resp),
+        ["200 OK", "201 Created", "200 OK", "200 OK", "200 OK"]
+    );
+    assert_eq!(resp.entries[2].full_url.as_ref(), Some(&patient_id));
+    assert_eq!(store.last_seq(&t).unwrap(), 5);
+
+    // Criteria the search refuses: that entry in a batch, the whole transaction otherwise.
+    let bad = |ty: &str| {
+        json::parse(
+            format!(
+                r#"{{"resourceType":"Bundle","type":"{ty}","entry":[
+            {{"resource":{{"resourceType":"Patient"}},"request":{{"method":"POST","url":"Patient"}}}},
+            {{"resource":{{"resourceType":"Patient"}},
+              "request":{{"method":"POST","url":"Patient","ifNoneExist":"birthdate=1970"}}}},
+            {{"resource":{{"resourceType":"Observation","status":"final","code":{{"text":"x"}},
+                "subject":{{"reference":"Patient?name=x"}}}},
+             "request":{{"method":"POST","url":"Observation"}}}},
+            {{"request":{{"method":"GET","url":"Patient?gender=x"}}}}]}}"#
+            )
+            .as_bytes(),
+        )
+        .unwrap()
+    };
+    let resp = process(&store, &t, bad("batch"), &opts).unwrap();
+    assert_eq!(
+        statuses_of(&resp),
+        [
+            "201 Created",
+            "400 Bad Request",
+            "400 Bad Request",
+            "400 Bad Request"
+        ]
+    );
+    let tree = resp.to_tree().unwrap();
+    let entries = tree.get("entry").unwrap().as_array().unwrap();
+    for (i, needle) in [
+        (1, "Bundle.entry[1].request.ifNoneExist"),
+        (2, "Bundle.entry[2].resource"),
+        (3, "Bundle.entry[3]"),
+    ] {
+        let oo = entries[i]
+            .get("response")
+            .unwrap()
+            .get("outcome")
+            .unwrap()
+            .to_string();
+        assert!(
+            oo.contains(needle) && oo.contains("unknown criteria"),
+            "{i}: {oo}"
+        );
+    }
+    let oo = entries[2]
+        .get("response")
+        .unwrap()
+        .get("outcome")
+        .unwrap()
+        .to_string();
+    assert!(
+        oo.contains("conditional reference 'Patient?name=x'"),
+        "{oo}"
+    );
+    assert_eq!(store.last_seq(&t).unwrap(), 6);
+    let err = process(&store, &t, bad("transaction"), &opts).unwrap_err();
+    assert_eq!(err.status, 400);
+    let exprs: Vec<_> = err
+        .issues
+        .iter()
+        .map(|i| i.expression.clone().unwrap_or_default())
+        .collect();
+    // The GET is checked first, before any search or lock.
+    assert_eq!(exprs, ["Bundle.entry[3].request.url"]);
+    assert_eq!(store.last_seq(&t).unwrap(), 6);
+    let tx_without_get = {
+        let mut b = bad("transaction");
+        if let Some(Json::Array(e)) = b.as_object_mut().unwrap().get_mut("entry") {
+            e.pop();
+        }
+        b
+    };
+    let err = process(&store, &t, tx_without_get, &opts).unwrap_err();
+    assert_eq!(err.status, 400);
+    let exprs: Vec<_> = err
+        .issues
+        .iter()
+        .map(|i| i.expression.clone().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        exprs,
+        [
+            "Bundle.entry[1].request.ifNoneExist",
+            "Bundle.entry[2].resource"
+        ]
+    );
+    assert_eq!(store.last_seq(&t).unwrap(), 6);
+}
+
+fn bundle_process_refuses_entries_whose_matches_changed_after_the_search(backend: Backend) {
+    let (_dir, store, t) = setup(backend);
+    let opts = BundleOptions {
+        resolver: Some(Arc::new(FamilyResolver {
+            store: store.clone(),
+            log: Arc::new(Mutex::new(Vec::new())),
+        })),
+        ..BundleOptions::default()
+    };
+    let p = store
+        .create(&t, patient(None, "1", "Stale"), None)
+        .unwrap()
+        .resource;
+    store
+        .update(&t, &p.id, patient(Some(p.id.as_str()), "1", "Stale"), None)
+        .unwrap();
+    let batch = json::parse(
+        br#"{"resourceType":"Bundle","type":"batch","entry":[
+        {"resource":{"resourceType":"Patient","name":[{"family":"Stale"}]},
+         "request":{"method":"PUT","url":"Patient?family=Stale"}}]}"#,
+    )
+    .unwrap();
+    let resp = process(&store, &t, batch, &opts).unwrap();
+    assert_eq!(statuses_of(&resp), ["412 Precondition Failed"]);
+    let text = String::from_utf8(resp.to_compact_json()).unwrap();
+    assert!(
+        text.contains("changed between the search and the write"),
+        "{text}"
+    );
+    assert_eq!(store.last_seq(&t).unwrap(), 2);
+}
+
+fn bundle_process_without_a_resolver_refuses_search_criteria(backend: Backend) {
+    let (_dir, store, t) = setup(backend);
+    let opts = BundleOptions::default();
+    let batch = json::parse(
+        br#"{"resourceType":"Bundle","type":"batch","entry":[
+        {"resource":{"resourceType":"Patient"},
+         "request":{"method":"POST","url":"Patient","ifNoneExist":"family=Hansen"}},
+        {"request":{"method":"GET","url":"Patient?family=Hansen"}},
+        {"request":{"method":"DELETE","url":"Patient?family=Hansen"}},
+        {"resource":{"resourceType":"Patient"},
+         "request":{"method":"POST","url":"Patient","ifNoneExist":"identifier=a"}}]}"#,
+    )
+    .unwrap();
+    let resp = process(&store, &t, batch, &opts).unwrap();
+    assert_eq!(
+        statuses_of(&resp),
+        [
+            "400 Bad Request",
+            "400 Bad Request",
+            "400 Bad Request",
+            "201 Created"
+        ]
+    );
+    let text = String::from_utf8(resp.to_compact_json()).unwrap();
+    assert!(text.contains("not supported by the store alone"), "{text}");
+    // A conditional reference the store cannot evaluate fails its entry in the writer.
+    let batch = json::parse(
+        br#"{"resourceType":"Bundle","type":"batch","entry":[
+        {"resource":{"resourceType":"Observation","status":"final","code":{"text":"x"},
+            "subject":{"reference":"Patient?family=Hansen"}},
+         "request":{"method":"POST","url":"Observation"}}]}"#,
+    )
+    .unwrap();
+    let resp = process(&store, &t, batch, &opts).unwrap();
+    assert_eq!(statuses_of(&resp), ["400 Bad Request"]);
+    assert_eq!(store.last_seq(&t).unwrap(), 1);
 }

@@ -12,7 +12,11 @@
 //!    `Type/id`, and every reference to it in the other entries is rewritten — wherever it is
 //!    (see [`fhir_core::references`]). Conditional references (`Patient?identifier=s|v`) are
 //!    resolved against the store as it is after step 1 plus the entries of this transaction,
-//!    and must match exactly one resource. A placeholder no entry declares is an error;
+//!    and must match exactly one resource. A conditional reference on other criteria comes
+//!    resolved by a search made before the transaction ([`ResolvedReferences`]): its matches
+//!    still current in the version the search saw, plus the entries of this transaction whose
+//!    own `ifNoneExist` or conditional-update criteria are the same (as HAPI FHIR does; the
+//!    search could not see them). A placeholder no entry declares is an error;
 //! 4. the creates (POST), then the updates and patches (PUT/PATCH) are written, in request order
 //!    within each group, with the ids of step 2.
 //!
@@ -26,7 +30,7 @@ use fhir_core::references::RefKind;
 use fhir_core::{Json, Resource, ResourceId, ResourceType};
 
 use super::{Tx, indexed_identifiers};
-use crate::condition::{Condition, find};
+use crate::condition::{Condition, ResolvedReferences, find};
 use crate::error::StoreError;
 use crate::keys::IndexedIdentifier;
 use crate::types::{TxEntry, WriteKind, WriteOp, WriteOutcome, WriteResult};
@@ -117,12 +121,27 @@ struct PendingIdentity {
     ty: ResourceType,
     id: ResourceId,
     identifiers: Vec<IndexedIdentifier>,
+    /// The normalised criteria of its search-resolved `ifNoneExist` or conditional update.
+    criteria: Option<String>,
+}
+
+/// The normalised criteria of an op's search-resolved condition, if it has one.
+fn searched_criteria(op: &WriteOp) -> Option<String> {
+    match op {
+        WriteOp::Create {
+            if_none_exist: Some(cond),
+            ..
+        }
+        | WriteOp::ConditionalUpdate { cond, .. } => cond.searched_criteria().map(str::to_string),
+        _ => None,
+    }
 }
 
 impl Tx<'_, '_> {
     pub(super) fn fhir_transaction(
         &mut self,
         entries: Vec<TxEntry>,
+        refs: &ResolvedReferences,
     ) -> Result<Vec<WriteOutcome>, StoreError> {
         let n = entries.len();
         let mut seen_urls: HashMap<&str, usize> = HashMap::new();
@@ -187,11 +206,13 @@ impl Tx<'_, '_> {
             .iter_mut()
             .filter_map(|p| {
                 let id = p.target.as_ref()?.id().clone();
+                let criteria = searched_criteria(&p.op);
                 let r = resource_mut(&mut p.op)?;
                 Some(PendingIdentity {
                     ty: p.ty,
                     id,
                     identifiers: indexed_identifiers(r),
+                    criteria,
                 })
             })
             .collect();
@@ -229,7 +250,7 @@ impl Tx<'_, '_> {
                     return;
                 }
                 if let Some((ty, query)) = conditional(s) {
-                    match self.resolve_conditional(ty, query, s, &pending) {
+                    match self.resolve_conditional(ty, query, s, &pending, refs) {
                         Ok(to) => {
                             resolved.insert(s.clone(), to.clone());
                             *s = to;
@@ -327,11 +348,20 @@ impl Tx<'_, '_> {
         query: &str,
         reference: &str,
         pending: &[PendingIdentity],
+        refs: &ResolvedReferences,
     ) -> Result<String, StoreError> {
-        let cond = Condition::parse(query)?;
+        let cond = match refs.get(reference) {
+            Some(c) => c.clone(),
+            None => Condition::parse(query)?,
+        };
         let mut ids = find(&*self.view, self.t, ty, &cond)?;
+        let searched = cond.searched_criteria();
         for p in pending {
-            if p.ty == ty && cond.matches(Some(&p.id), &p.identifiers) && !ids.contains(&p.id) {
+            let same_criteria = searched.is_some() && p.criteria.as_deref() == searched;
+            if p.ty == ty
+                && (same_criteria || cond.matches(Some(&p.id), &p.identifiers))
+                && !ids.contains(&p.id)
+            {
                 ids.push(p.id.clone());
             }
         }
