@@ -891,8 +891,23 @@ fn examine(body: &[u8], xml: bool, what: Returned) -> Examined {
                 {
                     continue;
                 }
-                if let Some(m) = e.get("resource").and_then(Json::as_object) {
+                let Some(m) = e.get("resource").and_then(Json::as_object) else {
+                    continue;
+                };
+                let searchset = what == Returned::BundleResponse
+                    && m.get("resourceType").and_then(Json::as_str) == Some("Bundle");
+                if !searchset {
                     add(m);
+                    continue;
+                }
+                // A `GET Type?…` entry answered with a searchset: its resources were read.
+                let inner = m.get("entry").and_then(Json::as_array).unwrap_or(&empty);
+                for ie in inner.iter().take(MAX_RESULT_ENTRIES) {
+                    if let Some(r) = ie.get("resource").and_then(Json::as_object)
+                        && r.get("resourceType").and_then(Json::as_str) != Some("OperationOutcome")
+                    {
+                        add(r);
+                    }
                 }
             }
         }

@@ -425,6 +425,8 @@ async fn a_batch_gets_one_event_per_patient_in_its_commit() {
     // the token may not run are logged as refused.
     s.seed("trust-a", "/Observation/o10", obs("o10", "p10"))
         .await;
+    s.seed("trust-a", "/Observation/o12", obs("o12", "p12"))
+        .await;
     let reader = sign(
         &keys().rsa,
         &claims("user/Observation.rs", json!({"jti": "jti-bundle-reader"})),
@@ -435,6 +437,8 @@ async fn a_batch_gets_one_event_per_patient_in_its_commit() {
         "entry": [
             {"request": {"method": "GET", "url": "Observation/o10"}},
             {"resource": patient("p11"), "request": {"method": "PUT", "url": "Patient/p11"}},
+            // A search entry: the patients of its searchset were read too.
+            {"request": {"method": "GET", "url": "Observation?code=8867-4&subject=Patient/p12"}},
         ],
     });
     let r = s
@@ -450,6 +454,15 @@ async fn a_batch_gets_one_event_per_patient_in_its_commit() {
     assert!(
         ev.iter().any(|x| has_subtype(x, "batch") && theirs(x)),
         "the read in the batch was not logged for p10: {:?}",
+        summary(&ev)
+    );
+    let ev = audit_events(&s, "patient=p12", |e| {
+        e.iter().any(|x| has_subtype(x, "batch") && theirs(x))
+    })
+    .await;
+    assert!(
+        ev.iter().any(|x| has_subtype(x, "batch") && theirs(x)),
+        "the search in the batch was not logged for p12: {:?}",
         summary(&ev)
     );
     let ev = audit_events(&s, "date=ge2020-01-01", |e| {

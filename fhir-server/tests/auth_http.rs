@@ -309,6 +309,67 @@ async fn transaction_entries_need_their_scopes() {
     assert_eq!(r.status(), StatusCode::OK);
 }
 
+/// A conditional reference is resolved by a search: whether `Patient?identifier=…` matches
+/// none, one or several patients must not be learnt without search rights on Patient.
+#[tokio::test]
+async fn conditional_references_in_bundles_need_search_rights_on_their_type() {
+    let s = start().await;
+    s.seed(
+        "trust-a",
+        "/Patient/cr",
+        json!({"resourceType": "Patient", "id": "cr",
+               "identifier": [{"system": "urn:oid:2.16.578.1.12.4.1.4.1", "value": "13116900216"}]}),
+    )
+    .await;
+    let mut o = obs("x", "cr");
+    o.as_object_mut().map(|m| m.remove("id"));
+    o["subject"] = json!({"reference":
+        "Patient?identifier=urn:oid:2.16.578.1.12.4.1.4.1|13116900216"});
+    for ty in ["transaction", "batch"] {
+        let bundle = json!({
+            "resourceType": "Bundle",
+            "type": ty,
+            "entry": [{"resource": o, "request": {"method": "POST", "url": "Observation"}}]
+        });
+        // Create rights on Observation alone: refused (a batch answers the entry with 403).
+        let writer = token("system/Observation.c");
+        let r = s
+            .req(Method::POST, "trust-a", "", Some(&writer), Some(&bundle))
+            .await;
+        if ty == "transaction" {
+            assert_403(r, "transaction with a conditional reference").await;
+        } else {
+            assert_eq!(r.status(), StatusCode::OK);
+            let b = body(r).await;
+            assert_eq!(b["entry"][0]["response"]["status"], "403 Forbidden", "{b}");
+        }
+        // With search rights on Patient it resolves to Patient/cr.
+        let both = token("system/Observation.c system/Patient.s");
+        let r = s
+            .req(Method::POST, "trust-a", "", Some(&both), Some(&bundle))
+            .await;
+        assert_eq!(r.status(), StatusCode::OK, "{ty}");
+        let b = body(r).await;
+        assert!(
+            b["entry"][0]["response"]["status"]
+                .as_str()
+                .is_some_and(|st| st.starts_with("201")),
+            "{ty}: {b}"
+        );
+    }
+    // Two created, none by the refused requests.
+    let r = s
+        .req(
+            Method::GET,
+            "trust-a",
+            "/Observation?subject=Patient/cr&_summary=count",
+            Some(&admin_token()),
+            None,
+        )
+        .await;
+    assert_eq!(body(r).await["total"], 2);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Tenants
 

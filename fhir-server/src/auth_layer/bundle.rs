@@ -1,7 +1,10 @@
 //! `batch`/`transaction` Bundles under auth: scopes per entry (module docs of
 //! [`crate::auth_layer`], point 6).
 //!
-//! An entry allowed by an unrestricted scope goes through as it is. Under a patient
+//! An entry allowed by an unrestricted scope goes through as it is. Entries that search — a
+//! conditional entry (`ifNoneExist`, `PUT`/`DELETE Type?…`) or one whose resource holds a
+//! conditional reference (`Patient?identifier=…`) — also need an unrestricted search scope on
+//! each type they search, since the outcome (no match, one, several) tells what exists. Under a patient
 //! restriction (a `patient/` scope, no filters) the write entries follow the rules of the single
 //! interactions (see `restricted.rs`): a create must put its resource in the compartment; an
 //! update, patch or delete needs the current resource in the compartment (else the entry is the
@@ -228,10 +231,18 @@ fn first_pass(principal: &Principal, e: &Json) -> Result<Verdict, Pending> {
         return Ok(denied());
     }
     let a = principal.access(interaction, &resource_type);
-    // Conditional entries search too (see `OneCtx::run`).
-    let searches = conditional || !query.is_empty() && method != "GET";
-    let search_ok = !searches
-        || principal.access(Interaction::SearchType, &resource_type) == Access::Unrestricted;
+    // Conditional entries search too (see `OneCtx::run`), and so does every conditional
+    // reference in the entry's resource (`Patient?identifier=…`): the Bundle processor resolves
+    // it by a search, whose outcome (none, one, several) a token without search rights on that
+    // type must not learn.
+    let mut search_types = conditional_reference_types(e.get("resource"));
+    if conditional || !query.is_empty() && method != "GET" {
+        search_types.push(resource_type.clone());
+    }
+    let searches = !search_types.is_empty();
+    let search_ok = search_types
+        .iter()
+        .all(|t| principal.access(Interaction::SearchType, t) == Access::Unrestricted);
     if a == Access::Unrestricted {
         return Ok(if search_ok {
             Verdict::Allowed
@@ -259,6 +270,28 @@ fn first_pass(principal: &Principal, e: &Json) -> Result<Verdict, Pending> {
         },
         _ => Ok(denied()),
     }
+}
+
+/// The types that the conditional references (`Type?query`) in `resource` search, as the
+/// Bundle processor recognises them.
+fn conditional_reference_types(resource: Option<&Json>) -> Vec<String> {
+    let Some(resource) = resource else {
+        return Vec::new();
+    };
+    let mut tree = resource.clone();
+    let mut types: Vec<String> = Vec::new();
+    fhir_core::references::visit_references_mut(&mut tree, &mut |kind, s| {
+        if kind != fhir_core::references::RefKind::Reference {
+            return;
+        }
+        if let Some((ty, _)) = s.split_once('?')
+            && ResourceType::parse(ty).is_some()
+            && !types.iter().any(|t| t == ty)
+        {
+            types.push(ty.to_string());
+        }
+    });
+    types
 }
 
 /// The rules of the single interaction, for one write entry under a patient restriction.
