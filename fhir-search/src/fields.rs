@@ -20,6 +20,7 @@
 //! | `uri` | `k␟uri` |
 //! | `has` | `k` for every parameter with a value (`:missing`) |
 //! | `sort` | a JSON fast field: `l_k`/`h_k`, the lowest and highest value of `k` (`_sort`) |
+//! | `dates` | a JSON fast field: `s_k`/`e_k`, every date interval's first and last microsecond (the `dstart`/`dend` values as numbers), so that a date range is checked per candidate document instead of by walking its terms (see `datefilter.rs`) |
 
 use std::collections::BTreeMap;
 
@@ -29,6 +30,7 @@ use fhir_core::search_param::{SearchParam, SearchParamRegistry, SearchParamType,
 use tantivy::TantivyDocument;
 use tantivy::schema::{FAST, Field, JsonObjectOptions, OwnedValue, STRING, Schema, TextOptions};
 
+use crate::datefilter::{column_paths, has_columns};
 use crate::dates::unit_terms;
 use crate::terms::{
     MAX_TERM_BYTES, clean, composite_key, cut, hex_f64, hex_i64, normalize, term, token_forms,
@@ -53,6 +55,7 @@ pub(crate) struct Fields {
     pub uri: Field,
     pub has: Field,
     pub sort: Field,
+    pub dates: Field,
 }
 
 impl Fields {
@@ -69,6 +72,9 @@ impl Fields {
         }
         b.add_text_field("refs", TextOptions::default().set_fast("raw"));
         b.add_json_field("sort", JsonObjectOptions::default().set_fast("raw"));
+        // Numbers only (the tokenizer is never used); fast, not indexed: the terms are in
+        // `dstart`/`dend`.
+        b.add_json_field("dates", JsonObjectOptions::default().set_fast("raw"));
         b.build()
     }
 
@@ -94,6 +100,7 @@ impl Fields {
             uri: f("uri")?,
             has: f("has")?,
             sort: f("sort")?,
+            dates: f("dates")?,
         })
     }
 }
@@ -147,6 +154,8 @@ pub(crate) struct DocBuilder<'a> {
     added: std::collections::HashSet<(Field, String)>,
     /// Per sortable parameter: lowest and highest value.
     sort: BTreeMap<String, (SortValue, SortValue)>,
+    /// Per date key with columns: every interval's start and end.
+    dates: BTreeMap<String, (Vec<i64>, Vec<i64>)>,
 }
 
 impl<'a> DocBuilder<'a> {
@@ -156,6 +165,7 @@ impl<'a> DocBuilder<'a> {
             doc: TantivyDocument::default(),
             added: std::collections::HashSet::new(),
             sort: BTreeMap::new(),
+            dates: BTreeMap::new(),
         }
     }
 
@@ -242,6 +252,13 @@ impl<'a> DocBuilder<'a> {
         self.add(self.f.dend, term(key, &[&hex_i64(end)]));
         for unit in unit_terms(start, end) {
             self.add(self.f.dunit, term(key, &[&unit]));
+        }
+        // Every interval that got terms above, so that the columns answer exactly what the
+        // terms would.
+        if has_columns(key) {
+            let (starts, ends) = self.dates.entry(key.to_string()).or_default();
+            starts.push(start);
+            ends.push(end);
         }
     }
 
@@ -455,6 +472,17 @@ impl<'a> DocBuilder<'a> {
             }
             self.doc.add_object(self.f.sort, obj);
         }
+        if !self.dates.is_empty() {
+            let mut obj = BTreeMap::new();
+            for (key, (starts, ends)) in std::mem::take(&mut self.dates) {
+                let (s, e) = column_paths(&key);
+                let list =
+                    |v: Vec<i64>| OwnedValue::Array(v.into_iter().map(OwnedValue::I64).collect());
+                obj.insert(s, list(starts));
+                obj.insert(e, list(ends));
+            }
+            self.doc.add_object(self.f.dates, obj);
+        }
         self.doc
     }
 }
@@ -520,6 +548,23 @@ pub(crate) fn document(
         for v in &values {
             b.value(param.kind, &param.code, v, Some(param.code.as_str()));
         }
+    }
+    b.finish()
+}
+
+/// A document of type `ty` with only date intervals under `key` (for tests of the date
+/// queries against each other).
+#[cfg(test)]
+pub(crate) fn date_document(
+    f: &Fields,
+    ty: &str,
+    key: &str,
+    intervals: &[(Option<i64>, Option<i64>)],
+) -> TantivyDocument {
+    let mut b = DocBuilder::new(f);
+    b.add(f.ty, ty.to_string());
+    for (start, end) in intervals {
+        b.date(key, *start, *end);
     }
     b.finish()
 }

@@ -62,6 +62,7 @@
 
 mod bundle;
 mod collect;
+mod datefilter;
 mod dates;
 mod error;
 mod fields;

@@ -15,6 +15,7 @@ use tantivy::schema::{Field, IndexRecordOption};
 use tantivy::{Searcher, Term};
 
 use crate::collect::{Hit, TopCollector, keys_and_versions, references};
+use crate::datefilter::{self, Cond, End};
 use crate::dates::unit_term;
 use crate::error::SearchError;
 use crate::fields::Fields;
@@ -132,9 +133,16 @@ impl Compiler<'_> {
         clauses: &[Clause],
     ) -> Result<Box<dyn Query>, SearchError> {
         let mut qs = vec![term_q(self.f.ty, ty.as_str())];
+        // Date clauses answered on the columns go last: tantivy positions an intersection with
+        // its first clause, and the others are then only asked about its candidates.
+        let mut predicates = Vec::new();
         for c in clauses {
-            qs.push(self.clause(ty, c)?);
+            match self.column_date(c) {
+                Some((key, cond)) => predicates.push(self.date_query(&key, cond)?),
+                None => qs.push(self.clause(ty, c)?),
+            }
         }
+        qs.extend(predicates);
         Ok(all(qs))
     }
 
@@ -201,7 +209,7 @@ impl Compiler<'_> {
                 start,
                 end,
                 precision,
-            } => self.date(key, *p, *start, *end, *precision),
+            } => self.date(key, *p, *start, *end, *precision)?,
             Clause::Ref { key, q } => {
                 let t = match q {
                     RefQ::Typed(t) => term(key, &["T", t]),
@@ -318,31 +326,108 @@ impl Compiler<'_> {
         ps: i64,
         pe: i64,
         precision: crate::dates::Precision,
-    ) -> Box<dyn Query> {
-        let pre = prefix(key, &[]);
-        let start = |(lo, hi): (Bound<String>, Bound<String>)| range_q(self.f.dstart, &pre, lo, hi);
-        let end = |(lo, hi): (Bound<String>, Bound<String>)| range_q(self.f.dend, &pre, lo, hi);
-        let h = hex_i64;
+    ) -> Result<Box<dyn Query>, SearchError> {
+        if p == Prefix::Eq
+            && let Some(unit) = unit_term(ps, precision)
+        {
+            // One term: cheap however many resources have dates.
+            return Ok(term_q(self.f.dunit, &term(key, &[&unit])));
+        }
+        let cond = self.date_cond(p, ps, pe);
+        self.date_query(key, cond)
+    }
+
+    /// The comparison of [`Compiler::date`] (other than `eq` by calendar unit) as conditions on
+    /// the intervals' ends.
+    fn date_cond(&self, p: Prefix, ps: i64, pe: i64) -> Cond {
+        use Bound::{Excluded as X, Included as I, Unbounded as U};
+        let start = |lo, hi| Cond::Range(End::Start, lo, hi);
+        let end = |lo, hi| Cond::Range(End::End, lo, hi);
         match p {
-            Prefix::Eq => match unit_term(ps, precision) {
-                Some(unit) => term_q(self.f.dunit, &term(key, &[&unit])),
-                None => all(vec![start(ge(h(ps))), end(le(h(pe)))]),
-            },
-            Prefix::Ne => any(vec![start(lt(h(ps))), end(gt(h(pe)))]),
-            Prefix::Gt => end(gt(h(pe))),
-            Prefix::Lt => start(lt(h(ps))),
-            Prefix::Ge => any(vec![end(gt(h(pe))), start(ge(h(ps)))]),
-            Prefix::Le => any(vec![start(lt(h(ps))), end(le(h(pe)))]),
-            Prefix::Sa => start(gt(h(pe))),
-            Prefix::Eb => end(lt(h(ps))),
+            Prefix::Eq => Cond::All(vec![start(I(ps), U), end(U, I(pe))]),
+            Prefix::Ne => Cond::Any(vec![start(U, X(ps)), end(X(pe), U)]),
+            Prefix::Gt => end(X(pe), U),
+            Prefix::Lt => start(U, X(ps)),
+            Prefix::Ge => Cond::Any(vec![end(X(pe), U), start(I(ps), U)]),
+            Prefix::Le => Cond::Any(vec![start(U, X(ps)), end(U, I(pe))]),
+            Prefix::Sa => start(X(pe), U),
+            Prefix::Eb => end(U, X(ps)),
             Prefix::Ap => {
                 let mid = ps / 2 + pe / 2;
                 let d = (self.now_micros.saturating_sub(mid)).saturating_abs() / 10;
-                all(vec![
-                    start(le(h(pe.saturating_add(d)))),
-                    end(ge(h(ps.saturating_sub(d)))),
+                Cond::All(vec![
+                    start(U, I(pe.saturating_add(d))),
+                    end(I(ps.saturating_sub(d)), U),
                 ])
             }
+        }
+    }
+
+    /// `cond` on parameter `key`: per candidate document on the date columns where the key has
+    /// them (see [`crate::datefilter`] for why), else as term ranges.
+    fn date_query(&self, key: &str, cond: Cond) -> Result<Box<dyn Query>, SearchError> {
+        let exact = self.date_terms(&prefix(key, &[]), &cond);
+        if datefilter::has_columns(key) {
+            datefilter::query(self.searcher, key, cond, exact)
+        } else {
+            Ok(exact)
+        }
+    }
+
+    /// `cond` as term ranges over the `dstart`/`dend` terms under `pre` (exact, but each range
+    /// walks every term in it).
+    fn date_terms(&self, pre: &str, cond: &Cond) -> Box<dyn Query> {
+        match cond {
+            Cond::Range(which, lo, hi) => {
+                let field = match which {
+                    End::Start => self.f.dstart,
+                    End::End => self.f.dend,
+                };
+                let h = |b: &Bound<i64>| match b {
+                    Bound::Included(x) => Bound::Included(hex_i64(*x)),
+                    Bound::Excluded(x) => Bound::Excluded(hex_i64(*x)),
+                    Bound::Unbounded => Bound::Unbounded,
+                };
+                range_q(field, pre, h(lo), h(hi))
+            }
+            Cond::Any(cs) => any(cs.iter().map(|c| self.date_terms(pre, c)).collect()),
+            Cond::All(cs) => all(cs.iter().map(|c| self.date_terms(pre, c)).collect()),
+        }
+    }
+
+    /// If `c` is a date clause that [`Compiler::date_query`] answers on the columns, or an OR
+    /// of such clauses on one parameter: its key and condition (so that `date=ge…,lt…` is one
+    /// predicate instead of a union that would scan).
+    fn column_date(&self, c: &Clause) -> Option<(String, Cond)> {
+        match c {
+            Clause::Date {
+                key,
+                prefix: p,
+                start,
+                end,
+                precision,
+            } => {
+                if !datefilter::has_columns(key)
+                    || (*p == Prefix::Eq && unit_term(*start, *precision).is_some())
+                {
+                    return None;
+                }
+                Some((key.clone(), self.date_cond(*p, *start, *end)))
+            }
+            Clause::Any(cs) if !cs.is_empty() => {
+                let mut key = None;
+                let mut conds = Vec::with_capacity(cs.len());
+                for c in cs {
+                    let (k, cond) = self.column_date(c)?;
+                    if key.as_ref().is_some_and(|key| *key != k) {
+                        return None;
+                    }
+                    key = Some(k);
+                    conds.push(cond);
+                }
+                Some((key?, Cond::Any(conds)))
+            }
+            _ => None,
         }
     }
 }
@@ -374,6 +459,113 @@ fn uri_ancestors(u: &str) -> Vec<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fields::date_document;
+    use tantivy::collector::DocSetCollector;
+    use tantivy::{DocAddress, Index};
+
+    /// The date columns must answer every comparison exactly as the term ranges do, also for
+    /// resources with several intervals, open ends and (invalid, but stored) periods that end
+    /// before they start, over several segments.
+    #[test]
+    fn date_columns_answer_like_the_term_ranges() {
+        let schema = Fields::new_schema();
+        let f = Fields::of(&schema).expect("schema");
+        let index = Index::create_in_ram(schema);
+        let mut writer = index
+            .writer_with_num_threads(1, 15_000_000)
+            .expect("writer");
+        let mut seed = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        // Instants on a small grid, so that search bounds often fall on indexed values.
+        const GRID: i64 = 1_000_000;
+        for segment in 0..3 {
+            for _ in 0..400 {
+                let mut intervals = Vec::new();
+                for _ in 0..next(4) {
+                    let a = (next(60) as i64) * GRID;
+                    let b = a + (next(10) as i64 - 2) * GRID; // sometimes before `a`
+                    let start = (next(8) != 0).then_some(a);
+                    let end = (next(8) != 0).then_some(b);
+                    intervals.push((start, end));
+                }
+                let ty = if next(3) == 0 {
+                    "Patient"
+                } else {
+                    "Observation"
+                };
+                let key = if next(5) == 0 { "other" } else { "date" };
+                writer
+                    .add_document(date_document(&f, ty, key, &intervals))
+                    .expect("add");
+            }
+            if segment == 1 {
+                // A segment without any date.
+                writer
+                    .add_document(date_document(&f, "Observation", "date", &[]))
+                    .expect("add");
+            }
+            writer.commit().expect("commit");
+        }
+        let searcher = index.reader().expect("reader").searcher();
+        let c = Compiler {
+            f: &f,
+            searcher: &searcher,
+            limits: Limits { chain: 1000 },
+            now_micros: 30 * GRID,
+        };
+        let docs = |q: &dyn Query| -> Vec<DocAddress> {
+            let mut v: Vec<_> = searcher
+                .search(q, &DocSetCollector)
+                .expect("search")
+                .into_iter()
+                .collect();
+            v.sort();
+            v
+        };
+        let prefixes = [
+            Prefix::Eq,
+            Prefix::Ne,
+            Prefix::Gt,
+            Prefix::Lt,
+            Prefix::Ge,
+            Prefix::Le,
+            Prefix::Sa,
+            Prefix::Eb,
+            Prefix::Ap,
+        ];
+        let mut nonempty = 0;
+        for round in 0..40 {
+            let ps = (next(64) as i64 - 2) * GRID + if round % 4 == 0 { 1 } else { 0 };
+            let pe = ps + (next(5) as i64) * GRID + GRID - 1;
+            for p in prefixes {
+                let cond = c.date_cond(p, ps, pe);
+                let exact = c.date_terms(&prefix("date", &[]), &cond);
+                let columns = datefilter::query(&searcher, "date", cond.clone(), exact.box_clone())
+                    .expect("query");
+                let want = docs(&*exact);
+                assert_eq!(docs(&*columns), want, "{p:?} {ps} {pe}");
+                nonempty += usize::from(!want.is_empty());
+                // Driven by another clause, as in a search.
+                let ty = || term_q(f.ty, "Observation");
+                let exact_and = all(vec![ty(), exact.box_clone()]);
+                let columns_and = all(vec![ty(), columns]);
+                assert_eq!(
+                    docs(&*columns_and),
+                    docs(&*exact_and),
+                    "{p:?} {ps} {pe} with type"
+                );
+            }
+        }
+        assert!(
+            nonempty > 100,
+            "the comparisons must not all be empty: {nonempty}"
+        );
+    }
 
     #[test]
     fn ancestors_of_a_url() {

@@ -28,8 +28,9 @@ use crate::collect::{TopCollector, keys_and_versions};
 use crate::error::SearchError;
 use crate::fields::{Fields, doc_key, document};
 
-/// Version of the index layout; an index of another version is rebuilt.
-const FORMAT: u64 = 1;
+/// Version of the index layout; an index of another version is rebuilt. 2: the `dates`
+/// columns (an index without them would answer date ranges as if no resource had dates).
+const FORMAT: u64 = 2;
 
 /// Changes read from the log per commit.
 const BATCH: usize = 5000;
