@@ -370,6 +370,95 @@ async fn conditional_references_in_bundles_need_search_rights_on_their_type() {
     assert_eq!(body(r).await["total"], 2);
 }
 
+/// `_include`/`_revinclude` return resources of other types than the one searched: each needs
+/// read rights of its own (a `user/Observation.rs` token must not read Patients through
+/// `_include=Observation:subject`), in every format and on every page.
+#[tokio::test]
+async fn included_resources_need_read_rights_on_their_type() {
+    let s = start().await;
+    compartment_data(&s).await;
+    let obs_only = token("user/Observation.rs");
+    let obs_and_patient = token("user/Observation.rs user/Patient.r");
+    let q = "/Observation?_id=o1&_include=Observation:subject";
+    let r = s
+        .req(Method::GET, "trust-a", q, Some(&obs_only), None)
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(ids(&body(r).await), ["Observation/o1"]);
+    let r = s
+        .req(Method::GET, "trust-a", q, Some(&obs_and_patient), None)
+        .await;
+    assert_eq!(ids(&body(r).await), ["Observation/o1", "Patient/p1"]);
+    // _revinclude of Observations with Patient rights only.
+    let r = s
+        .req(
+            Method::GET,
+            "trust-a",
+            "/Patient?_id=p1&_revinclude=Observation:subject",
+            Some(&token("user/Patient.rs")),
+            None,
+        )
+        .await;
+    assert_eq!(ids(&body(r).await), ["Patient/p1"]);
+    // XML: filtered, then converted.
+    let r = s
+        .req(
+            Method::GET,
+            "trust-a",
+            &format!("{q}&_format=xml"),
+            Some(&obs_only),
+            None,
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let xml = r.text().await.expect("body");
+    assert!(
+        xml.contains("<Observation") && !xml.contains("<Patient"),
+        "{xml}"
+    );
+    // POST _search with the include in the form body.
+    let r = s
+        .client
+        .post(s.fhir("trust-a", "/Observation/_search"))
+        .header("authorization", format!("Bearer {obs_only}"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("_id=o1&_include=Observation:subject")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(ids(&body(r).await), ["Observation/o1"]);
+    // Every page of a paged search.
+    let mut url = s.fhir(
+        "trust-a",
+        "/Observation?_include=Observation:subject&_count=1&_sort=_id",
+    );
+    let mut pages = 0;
+    let mut seen = Vec::new();
+    loop {
+        let r = s
+            .call(Method::GET, url, Some(&format!("Bearer {obs_only}")), None)
+            .await;
+        assert_eq!(r.status(), StatusCode::OK);
+        let b = body(r).await;
+        seen.extend(ids(&b));
+        pages += 1;
+        let next = b["link"].as_array().and_then(|l| {
+            l.iter()
+                .find(|x| x["relation"] == "next")
+                .and_then(|x| x["url"].as_str())
+                .map(str::to_string)
+        });
+        match next {
+            Some(n) if pages < 5 => url = n,
+            _ => break,
+        }
+    }
+    assert_eq!(pages, 2);
+    seen.sort();
+    assert_eq!(seen, ["Observation/o1", "Observation/o2"]);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Tenants
 

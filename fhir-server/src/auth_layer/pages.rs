@@ -12,7 +12,10 @@ use crate::AppState;
 use crate::auth::Principal;
 use crate::error::ApiError;
 
-use super::restricted::{Output, drop_foreign_includes, json_request, ok_tree, query_params};
+use super::restricted::{
+    Output, drop_foreign_includes, drop_unreadable_includes, json_request, ok_tree, query_params,
+    reads_every_type,
+};
 
 /// Who may follow a search's paging links: `_getpages` tokens name a stored search, so they
 /// are bound to the principal (and tenant) that ran it, and keep its patient restriction.
@@ -81,8 +84,9 @@ pub(super) fn remember(
 }
 
 /// `GET /fhir/{t}?_getpages=…`: only for the principal that ran the search, and with its
-/// patient restriction: the page is read as JSON, its includes outside the compartment are
-/// dropped, and it is answered in the format the client asks for (see [`Output`]).
+/// patient restriction: unless the token reads every type, the page is read as JSON, its
+/// includes outside the compartment or of types the token may not read are dropped, and it is
+/// answered in the format the client asks for (see [`Output`]).
 pub(super) async fn page(
     state: &AppState,
     p: &Principal,
@@ -106,29 +110,32 @@ pub(super) async fn page(
         .ok()
         .and_then(|m| m.get(&token).cloned());
     match owner {
-        Some((key, patient)) if key == principal_key(p, tenant) => match patient {
-            Some(patient) => {
-                let (mut parts, body) = req.into_parts();
-                let mut params = query_params(parts.uri.query());
-                let out = match Output::take(&mut params, &parts.headers) {
-                    Ok(o) => o,
-                    Err(e) => return e.into_response(),
-                };
-                let path = parts.uri.path().to_string();
-                if !json_request(&mut parts, &path, &params) {
-                    return forbidden("cannot restrict this page");
-                }
-                let resp = next.run(Request::from_parts(parts, body)).await;
-                match ok_tree(resp).await {
-                    Ok((rparts, mut tree)) => {
-                        drop_foreign_includes(&mut tree, &patient);
-                        out.bundle(rparts, tree)
-                    }
-                    Err(resp) => out.other(resp).await,
-                }
+        Some((key, patient)) if key == principal_key(p, tenant) => {
+            if patient.is_none() && reads_every_type(p) {
+                return next.run(req).await;
             }
-            None => next.run(req).await,
-        },
+            let (mut parts, body) = req.into_parts();
+            let mut params = query_params(parts.uri.query());
+            let out = match Output::take(&mut params, &parts.headers) {
+                Ok(o) => o,
+                Err(e) => return e.into_response(),
+            };
+            let path = parts.uri.path().to_string();
+            if !json_request(&mut parts, &path, &params) {
+                return forbidden("cannot restrict this page");
+            }
+            let resp = next.run(Request::from_parts(parts, body)).await;
+            match ok_tree(resp).await {
+                Ok((rparts, mut tree)) => {
+                    if let Some(patient) = &patient {
+                        drop_foreign_includes(&mut tree, patient);
+                    }
+                    drop_unreadable_includes(&mut tree, p);
+                    out.bundle(rparts, tree)
+                }
+                Err(resp) => out.other(resp).await,
+            }
+        }
         _ => forbidden("this page belongs to a search made with another token, or has expired"),
     }
 }

@@ -119,6 +119,9 @@ impl OneCtx {
         let searching = matches!(self.interaction, I::SearchType | I::SearchSystem);
         let restriction = match access {
             Access::Unrestricted if searching => {
+                if may_include_unreadable(&self.principal, &req) {
+                    return self.search_dropping_unreadable_includes(req, next).await;
+                }
                 let resp = next.run(req).await;
                 return remember_pages(&self.state, &self.principal, &self.tenant, None, resp)
                     .await;
@@ -173,6 +176,48 @@ impl OneCtx {
             }
             _ => self.instance(patient, req, next).await,
         }
+    }
+
+    /// An unrestricted search that may `_include`/`_revinclude` resources of types the token
+    /// may not read: answered as JSON, those entries dropped, then rendered as asked.
+    async fn search_dropping_unreadable_includes(self, req: Request, next: Next) -> Response {
+        let (mut parts, body) = req.into_parts();
+        let mut params = query_params(parts.uri.query());
+        let mut path = parts.uri.path().to_string();
+        if parts.method == Method::POST {
+            // As in `search`: the form body is more query string, then it is a GET.
+            match form_body(&self.state, &parts.headers, body).await {
+                Ok(form) => params.extend(form),
+                Err(e) => return e.into_response(),
+            }
+            parts.method = Method::GET;
+            parts.headers.remove(header::CONTENT_TYPE);
+            parts.headers.remove(header::CONTENT_LENGTH);
+            if let Some(p) = path.strip_suffix("/_search") {
+                path = p.to_string();
+            }
+        }
+        let out = match Output::take(&mut params, &parts.headers) {
+            Ok(o) => o,
+            Err(e) => return e.into_response(),
+        };
+        if !json_request(&mut parts, &path, &params) {
+            return forbidden("cannot restrict this search");
+        }
+        let resp = next.run(Request::from_parts(parts, Body::empty())).await;
+        let (rparts, mut tree) = match ok_tree(resp).await {
+            Ok(x) => x,
+            Err(resp) => return out.other(resp).await,
+        };
+        drop_unreadable_includes(&mut tree, &self.principal);
+        pages::remember(
+            &self.state,
+            &self.principal,
+            &self.tenant,
+            None,
+            &tree.to_bytes(),
+        );
+        out.bundle(rparts, tree)
     }
 
     /// Type search under a restriction: rewritten to a compartment search with the filters.
@@ -261,6 +306,7 @@ impl OneCtx {
         if let Some(p) = &r.patient {
             drop_foreign_includes(&mut tree, p);
         }
+        drop_unreadable_includes(&mut tree, &self.principal);
         pages::remember(
             &self.state,
             &self.principal,
@@ -656,6 +702,61 @@ pub(super) fn tree_in_compartment(tree: &Json, patient: &str) -> bool {
             .iter()
             .any(|p| p == patient)
     })
+}
+
+/// Whether the token reads every type without restriction (`*` scopes with `r`), so that no
+/// `_include`/`_revinclude` result needs to be looked at.
+pub(super) fn reads_every_type(principal: &Principal) -> bool {
+    principal.access(Interaction::Read, "*") == Access::Unrestricted
+}
+
+/// Whether an unrestricted search could return included resources the token may not read: it
+/// asks for `_include`/`_revinclude` (or is a POST, whose form body is not read here) and the
+/// token does not read every type.
+fn may_include_unreadable(principal: &Principal, req: &Request) -> bool {
+    if reads_every_type(principal) {
+        return false;
+    }
+    req.method() == Method::POST
+        || query_params(req.uri().query())
+            .iter()
+            .any(|(k, _)| k.starts_with("_include") || k.starts_with("_revinclude"))
+}
+
+/// Drops `include` entries of a searchset page that the token may not read: included resources
+/// are returned by the search of another type, so the search scope does not cover them (as in
+/// HAPI FHIR's SMART authorisation, every returned resource needs read rights). A type read
+/// under a patient restriction keeps only that patient's resources.
+pub(super) fn drop_unreadable_includes(tree: &mut Json, principal: &Principal) {
+    if reads_every_type(principal) {
+        return;
+    }
+    if let Some(Json::Array(entries)) = tree.as_object_mut().and_then(|m| m.get_mut("entry")) {
+        entries.retain(|e| {
+            let include = e
+                .get("search")
+                .and_then(|s| s.get("mode"))
+                .and_then(Json::as_str)
+                == Some("include");
+            if !include {
+                return true;
+            }
+            let Some(r) = e.get("resource") else {
+                return false;
+            };
+            let ty = r.get("resourceType").and_then(Json::as_str).unwrap_or("");
+            match principal.access(Interaction::Read, ty) {
+                Access::Unrestricted => true,
+                Access::Denied => false,
+                Access::Restricted(list) => list.iter().any(|x| {
+                    x.filters.is_empty()
+                        && x.patient
+                            .as_deref()
+                            .is_some_and(|p| tree_in_compartment(r, p))
+                }),
+            }
+        });
+    }
 }
 
 /// Drops `include` entries outside the compartment from a searchset page.
