@@ -459,6 +459,67 @@ async fn included_resources_need_read_rights_on_their_type() {
     assert_eq!(seen, ["Observation/o1", "Observation/o2"]);
 }
 
+/// Chains and `_has` test resources of other types: each tested type needs a search scope, or a
+/// token could probe data it may not read.
+#[tokio::test]
+async fn chains_and_has_need_search_rights_on_the_types_they_test() {
+    let s = start().await;
+    compartment_data(&s).await;
+    let obs_only = token("user/Observation.rs");
+    for path in [
+        "/Observation?subject:Patient.gender=female",
+        "/Observation?subject.gender=female",
+        "/Observation?_has:Observation:has-member:code=8867-4",
+    ] {
+        if path.contains("_has") {
+            // _has on Observation by Observation: allowed, it tests Observations only.
+            let r = s
+                .req(Method::GET, "trust-a", path, Some(&obs_only), None)
+                .await;
+            assert_eq!(r.status(), StatusCode::OK, "{path}");
+            continue;
+        }
+        let r = s
+            .req(Method::GET, "trust-a", path, Some(&obs_only), None)
+            .await;
+        assert_403(r, path).await;
+    }
+    let r = s
+        .req(
+            Method::GET,
+            "trust-a",
+            "/Patient?_has:Observation:subject:code=8867-4",
+            Some(&token("user/Patient.rs")),
+            None,
+        )
+        .await;
+    assert_403(r, "_has:Observation without Observation rights").await;
+    // With search rights on the tested types they run.
+    let both = token("user/Observation.rs user/Patient.s");
+    let r = s
+        .req(
+            Method::GET,
+            "trust-a",
+            "/Observation?subject:Patient.gender=female",
+            Some(&both),
+            None,
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(ids(&body(r).await), ["Observation/o1", "Observation/o2"]);
+    let r = s
+        .req(
+            Method::GET,
+            "trust-a",
+            "/Patient?_has:Observation:subject:code=8867-4",
+            Some(&token("user/Patient.rs user/Observation.s")),
+            None,
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(ids(&body(r).await), ["Patient/p1", "Patient/p2"]);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Tenants
 

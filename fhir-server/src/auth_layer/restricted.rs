@@ -119,6 +119,9 @@ impl OneCtx {
         let searching = matches!(self.interaction, I::SearchType | I::SearchSystem);
         let restriction = match access {
             Access::Unrestricted if searching => {
+                if let Err(msg) = chains_allowed(&self.principal, &self.resource_type, &req) {
+                    return forbidden(msg);
+                }
                 if may_include_unreadable(&self.principal, &req) {
                     return self.search_dropping_unreadable_includes(req, next).await;
                 }
@@ -702,6 +705,89 @@ pub(super) fn tree_in_compartment(tree: &Json, patient: &str) -> bool {
             .iter()
             .any(|p| p == patient)
     })
+}
+
+/// Chained parameters and `_has` test resources of other types than the one searched (a
+/// `user/Observation.rs` token could probe Patient names with `subject:Patient.name=…`), so an
+/// unrestricted search needs an unrestricted search scope on every type they test: explicit
+/// chain types, else every target type of the reference parameter, hop by hop, and the type of
+/// each `_has`. A parameter this check cannot follow needs a `*` search scope. (Parameters of a
+/// `POST _search` form body are checked by the search handler's own rules only.)
+fn chains_allowed(principal: &Principal, resource_type: &str, req: &Request) -> Result<(), String> {
+    if principal.access(Interaction::SearchType, "*") == Access::Unrestricted {
+        return Ok(());
+    }
+    let Some(base) = ResourceType::parse(resource_type) else {
+        return Ok(()); // the handler's 404
+    };
+    for (k, _) in query_params(req.uri().query()) {
+        let mut types = Vec::new();
+        if !tested_types(base, &k, &mut types, 0) {
+            return Err(format!(
+                "the chain or _has '{}' cannot be checked against the token's scopes; it needs \
+                 a search scope for all types",
+                clip(&k)
+            ));
+        }
+        if let Some(t) = types
+            .iter()
+            .find(|t| principal.access(Interaction::SearchType, t.as_str()) != Access::Unrestricted)
+        {
+            return Err(format!(
+                "'{}' searches {t} resources, which the token may not search",
+                clip(&k)
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Adds to `out` the types that parameter `key` of a search of `base` tests besides `base`;
+/// `false` when it cannot tell.
+fn tested_types(base: ResourceType, key: &str, out: &mut Vec<String>, depth: usize) -> bool {
+    if depth > 8 {
+        return false;
+    }
+    if let Some(rest) = key.strip_prefix("_has:") {
+        // _has:X:ref:param — X resources are tested, and `param` may chain on from X.
+        let mut parts = rest.splitn(3, ':');
+        let (Some(x), Some(_), Some(param)) = (parts.next(), parts.next(), parts.next()) else {
+            return false;
+        };
+        let Some(x) = ResourceType::parse(x) else {
+            return false;
+        };
+        out.push(x.as_str().to_string());
+        return tested_types(x, param, out, depth + 1);
+    }
+    let Some((first, rest)) = key.split_once('.') else {
+        return true; // not a chain
+    };
+    let (code, explicit) = match first.split_once(':') {
+        Some((c, t)) => (c, Some(t)),
+        None => (first, None),
+    };
+    let targets: Vec<String> = match explicit {
+        Some(t) => vec![t.to_string()],
+        None => match SearchParamRegistry::r4().get(base, code) {
+            Some(p) if p.kind == SearchParamType::Reference && !p.targets.is_empty() => {
+                p.targets.clone()
+            }
+            _ => return false,
+        },
+    };
+    for t in targets {
+        let Some(tt) = ResourceType::parse(&t) else {
+            return false;
+        };
+        if !out.contains(&t) {
+            out.push(t);
+        }
+        if !tested_types(tt, rest, out, depth + 1) {
+            return false;
+        }
+    }
+    true
 }
 
 /// Whether the token reads every type without restriction (`*` scopes with `r`), so that no
