@@ -494,6 +494,17 @@ async fn chains_and_has_need_search_rights_on_the_types_they_test() {
         )
         .await;
     assert_403(r, "_has:Observation without Observation rights").await;
+    // The same in a POST _search form body.
+    let r = s
+        .client
+        .post(s.fhir("trust-a", "/Observation/_search"))
+        .header("authorization", format!("Bearer {obs_only}"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("subject:Patient.gender=female")
+        .send()
+        .await
+        .expect("request");
+    assert_403(r, "a chain in a POST _search body").await;
     // With search rights on the tested types they run.
     let both = token("user/Observation.rs user/Patient.s");
     let r = s

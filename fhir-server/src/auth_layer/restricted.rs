@@ -199,6 +199,9 @@ impl OneCtx {
             if let Some(p) = path.strip_suffix("/_search") {
                 path = p.to_string();
             }
+            if let Err(msg) = chains_allowed_in(&self.principal, &self.resource_type, &params) {
+                return forbidden(msg);
+            }
         }
         let out = match Output::take(&mut params, &parts.headers) {
             Ok(o) => o,
@@ -712,21 +715,36 @@ pub(super) fn tree_in_compartment(tree: &Json, patient: &str) -> bool {
 /// unrestricted search needs an unrestricted search scope on every type they test: explicit
 /// chain types, else every target type of the reference parameter, hop by hop, and the type of
 /// each `_has`. A parameter this check cannot follow needs a `*` search scope. (Parameters of a
-/// `POST _search` form body are checked by the search handler's own rules only.)
+/// `POST _search` form body are checked after the body is merged, in
+/// `search_dropping_unreadable_includes`.)
 fn chains_allowed(principal: &Principal, resource_type: &str, req: &Request) -> Result<(), String> {
-    if principal.access(Interaction::SearchType, "*") == Access::Unrestricted {
+    chains_allowed_in(principal, resource_type, &query_params(req.uri().query()))
+}
+
+/// Whether the token searches every type without restriction (`*` scopes with `s`).
+fn searches_every_type(principal: &Principal) -> bool {
+    principal.access(Interaction::SearchType, "*") == Access::Unrestricted
+}
+
+/// [`chains_allowed`] for decoded parameters (a query string merged with a form body).
+fn chains_allowed_in(
+    principal: &Principal,
+    resource_type: &str,
+    params: &[(String, String)],
+) -> Result<(), String> {
+    if searches_every_type(principal) {
         return Ok(());
     }
     let Some(base) = ResourceType::parse(resource_type) else {
         return Ok(()); // the handler's 404
     };
-    for (k, _) in query_params(req.uri().query()) {
+    for (k, _) in params {
         let mut types = Vec::new();
-        if !tested_types(base, &k, &mut types, 0) {
+        if !tested_types(base, k, &mut types, 0) {
             return Err(format!(
                 "the chain or _has '{}' cannot be checked against the token's scopes; it needs \
                  a search scope for all types",
-                clip(&k)
+                clip(k)
             ));
         }
         if let Some(t) = types
@@ -735,7 +753,7 @@ fn chains_allowed(principal: &Principal, resource_type: &str, req: &Request) -> 
         {
             return Err(format!(
                 "'{}' searches {t} resources, which the token may not search",
-                clip(&k)
+                clip(k)
             ));
         }
     }
@@ -800,13 +818,16 @@ pub(super) fn reads_every_type(principal: &Principal) -> bool {
 /// asks for `_include`/`_revinclude` (or is a POST, whose form body is not read here) and the
 /// token does not read every type.
 fn may_include_unreadable(principal: &Principal, req: &Request) -> bool {
+    if req.method() == Method::POST {
+        // The form body may hold includes, chains or `_has`: read it there.
+        return !(reads_every_type(principal) && searches_every_type(principal));
+    }
     if reads_every_type(principal) {
         return false;
     }
-    req.method() == Method::POST
-        || query_params(req.uri().query())
-            .iter()
-            .any(|(k, _)| k.starts_with("_include") || k.starts_with("_revinclude"))
+    query_params(req.uri().query())
+        .iter()
+        .any(|(k, _)| k.starts_with("_include") || k.starts_with("_revinclude"))
 }
 
 /// Drops `include` entries of a searchset page that the token may not read: included resources
