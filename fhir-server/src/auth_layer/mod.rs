@@ -10,7 +10,10 @@
 //! 3. Tenant binding: a token not valid for the URL's tenant gets exactly the 404 an unknown
 //!    tenant gets, before anything else is looked at, so it learns nothing about that tenant.
 //! 4. The SMART scope of the interaction (per Bundle entry for `batch`/`transaction`): 403 with
-//!    an OperationOutcome when no granted scope allows it.
+//!    an OperationOutcome when no granted scope allows it. What a search tests or returns beyond
+//!    its own type needs scopes too: chains and `_has` need search rights on every type they
+//!    test (403 otherwise), and `_include`/`_revinclude` results the token may not read are
+//!    dropped from the page (`auth_layer/restricted.rs`).
 //! 5. Restricted access (a `patient/` scope, or scope filters such as `?category=…`):
 //!    everything returned, tested or written must be in the patient's compartment, and what is
 //!    outside gets the 404 of a missing resource. Type searches (`GET`, and `POST _search` with
