@@ -582,12 +582,7 @@ async fn searches_log_every_patient_in_their_results() {
         .await;
     assert_eq!(r.status(), StatusCode::OK);
     let b = body(r).await;
-    let next = b["link"]
-        .as_array()
-        .and_then(|l| l.iter().find(|l| l["relation"] == "next"))
-        .and_then(|l| l["url"].as_str())
-        .expect("next link")
-        .to_string();
+    let next = common::next_link(&b).expect("next link");
     let r = s
         .call(Method::GET, next, Some(&format!("Bearer {reader}")), None)
         .await;
@@ -655,11 +650,7 @@ async fn the_access_log_pages_sorts_and_counts() {
         let entries = b["entry"].as_array().cloned().unwrap_or_default();
         assert!(entries.len() <= 3);
         seen.extend(entries.into_iter().map(|e| e["resource"].clone()));
-        url = b["link"]
-            .as_array()
-            .and_then(|l| l.iter().find(|l| l["relation"] == "next"))
-            .and_then(|l| l["url"].as_str())
-            .map(str::to_string);
+        url = common::next_link(&b);
         assert!(pages < 10, "paging does not end");
     }
     assert_eq!(total, Some(7));

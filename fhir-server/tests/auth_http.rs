@@ -443,13 +443,7 @@ async fn included_resources_need_read_rights_on_their_type() {
         let b = body(r).await;
         seen.extend(ids(&b));
         pages += 1;
-        let next = b["link"].as_array().and_then(|l| {
-            l.iter()
-                .find(|x| x["relation"] == "next")
-                .and_then(|x| x["url"].as_str())
-                .map(str::to_string)
-        });
-        match next {
+        match common::next_link(&b) {
             Some(n) if pages < 5 => url = n,
             _ => break,
         }
@@ -925,12 +919,7 @@ async fn search_pages_belong_to_the_token_that_searched() {
         .await;
     assert_eq!(r.status(), StatusCode::OK);
     let b = body(r).await;
-    let next = b["link"]
-        .as_array()
-        .and_then(|l| l.iter().find(|l| l["relation"] == "next"))
-        .and_then(|l| l["url"].as_str())
-        .expect("next link")
-        .to_string();
+    let next = common::next_link(&b).expect("next link");
     let r = s
         .call(
             Method::GET,

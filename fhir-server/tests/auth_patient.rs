@@ -4,6 +4,7 @@
 mod common;
 
 use common::auth::*;
+use common::next_link;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
@@ -72,14 +73,6 @@ fn versions(bundle: &Value) -> Vec<String> {
         .unwrap_or_default();
     v.sort();
     v
-}
-
-fn next_link(bundle: &Value) -> Option<String> {
-    bundle["link"]
-        .as_array()
-        .and_then(|l| l.iter().find(|l| l["relation"] == "next"))
-        .and_then(|l| l["url"].as_str())
-        .map(str::to_string)
 }
 
 async fn delete_as_admin(s: &AuthServer, path: &str) {

@@ -1208,15 +1208,7 @@ async fn batch_get_entries_run_full_searches() {
     // Paging works as in a REST search: the next link serves the rest.
     let paged = &e[1]["resource"];
     assert_eq!(paged["entry"].as_array().unwrap().len(), 2);
-    let next = paged["link"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["relation"] == "next")
-        .unwrap()["url"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let next = next_link(paged).expect("next link");
     let rest = json(s.client.get(&next).send().await.unwrap()).await;
     assert_eq!(rest["entry"].as_array().unwrap().len(), 1, "{rest}");
     // An unknown parameter is ignored and named in an outcome entry, as in REST.

@@ -113,13 +113,8 @@ async fn crash_and_recover(backend: &str) {
             let v: Value = r.json().await.unwrap();
             assert_eq!(v["status"], "final");
         }
-        match page["link"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|l| l["relation"] == "next")
-        {
-            Some(l) => url = l["url"].as_str().unwrap().to_string(),
+        match common::next_link(&page) {
+            Some(next) => url = next,
             None => break,
         }
     }

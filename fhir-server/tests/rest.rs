@@ -195,13 +195,8 @@ async fn type_and_system_history_page_with_since_and_next_links() {
             assert_eq!(e["resource"]["resourceType"], "Observation");
             seen.push(e["resource"]["id"].as_str().unwrap().to_string());
         }
-        match page["link"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|l| l["relation"] == "next")
-        {
-            Some(l) => url = l["url"].as_str().unwrap().to_string(),
+        match common::next_link(&page) {
+            Some(next) => url = next,
             None => break,
         }
         assert!(pages < 10, "paging must end");

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::binary::start;
+use common::next_link;
 use reqwest::{Client, StatusCode};
 use serde_json::Value;
 
@@ -28,14 +29,6 @@ async fn get_json(client: &Client, url: &str) -> Value {
     let r = client.get(url).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK, "GET {url}");
     r.json().await.unwrap()
-}
-
-fn next_link(page: &Value) -> Option<String> {
-    page["link"]
-        .as_array()?
-        .iter()
-        .find(|l| l["relation"] == "next")
-        .map(|l| l["url"].as_str().unwrap().to_string())
 }
 
 /// The live Observations by a full scan of the store: the newest history entry of each id.

@@ -175,3 +175,13 @@ pub fn patient(fnr: &str) -> Value {
         "birthDate": "1970-01-01"
     })
 }
+
+/// The `next` link of a Bundle, if it has one.
+pub fn next_link(bundle: &Value) -> Option<String> {
+    bundle["link"]
+        .as_array()?
+        .iter()
+        .find(|l| l["relation"] == "next")
+        .and_then(|l| l["url"].as_str())
+        .map(str::to_string)
+}
